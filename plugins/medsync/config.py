@@ -1,0 +1,185 @@
+"""Source configs: one YAML file per source in ``include/sources/``, one DAG per file.
+
+A source config says everything that differs between sources and environments
+except secrets: connection ids, schedule, paging and batch sizes, the bucket its
+files live in. Secrets live in Airflow connections. Values that differ per
+environment (the bucket) name an Airflow Variable that overrides them at run time,
+so the same file serves dev, staging and prod.
+
+This module is imported while DAG files are parsed: it reads local files only and
+imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medsync.errors import ConfigError
+
+LEVELS: tuple[str, ...] = ("subject", "study", "sequence", "instance")
+"""A's hierarchy, parents first. Every per-level name in medsync uses these words."""
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def include_dir() -> Path:
+    """The ``include/`` folder: ``$MEDSYNC_INCLUDE_DIR`` if set, else the one beside ``plugins/``."""
+    return Path(os.environ.get("MEDSYNC_INCLUDE_DIR", _PROJECT_ROOT / "include"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScheduleConfig(_Strict):
+    cron: str = "0 0,12 * * *"
+    timezone: str = "Asia/Seoul"
+    start_date: date = date(2026, 1, 1)
+
+
+class ConnectionsConfig(_Strict):
+    api_conn_id: str
+    db_conn_id: str = "medsync_a_db"
+
+
+class StorageConfig(_Strict):
+    """Where the source keeps its files, and who may read them."""
+
+    aws_conn_id: str
+    bucket: str = Field(min_length=3)
+    bucket_variable: str | None = None
+    """Airflow Variable whose value, when set, replaces ``bucket`` (per environment)."""
+    allowed_buckets: tuple[str, ...] = ()
+    """Further buckets that presigning accepts for this source (e.g. a bucket being migrated from)."""
+    allowed_buckets_variable: str | None = None
+    """Airflow Variable holding a comma-separated list that replaces ``allowed_buckets``."""
+
+    def resolve_bucket(self, get_variable: Callable[[str], str | None]) -> str:
+        """The bucket for this environment; ``get_variable`` returns a Variable or None."""
+        if self.bucket_variable:
+            value = get_variable(self.bucket_variable)
+            if value and value.strip():
+                return value.strip()
+        return self.bucket
+
+    def resolve_allowed_buckets(self, get_variable: Callable[[str], str | None]) -> frozenset[str]:
+        """Every bucket presigning may sign for: the resolved bucket plus the allowed ones."""
+        extra: tuple[str, ...] = self.allowed_buckets
+        if self.allowed_buckets_variable:
+            value = get_variable(self.allowed_buckets_variable)
+            if value is not None:
+                extra = tuple(b.strip() for b in value.split(",") if b.strip())
+        return frozenset((self.resolve_bucket(get_variable), *extra))
+
+
+class FileCheckConfig(_Strict):
+    """After a merge, HEAD a sample of new or changed instances' files with the source's identity."""
+
+    enabled: bool = True
+    sample_size: int = Field(default=20, ge=0)
+    max_failures: int = Field(default=0, ge=0)
+    """The run fails when more sampled files than this are missing or denied."""
+
+
+class SourceConfig(_Strict):
+    """One source's settings, as written in ``include/sources/<name>.yaml``."""
+
+    name: str
+    """The source's name in A: ``source_system`` of every row this source writes."""
+    protocol: Literal["b_rest"]
+    """Which client and record models speak to the source (``medsync.sources.<protocol>``)."""
+    description: str = ""
+    owner: str = "data-engineering"
+    tags: tuple[str, ...] = ()
+    mapping_file: str | None = None
+    """File in ``include/mappings/``; defaults to ``<name>.yaml``."""
+    connections: ConnectionsConfig
+    storage: StorageConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    lookback_minutes: int = Field(default=10, ge=0)
+    """Each window starts this much earlier, to catch records committed late with an older timestamp."""
+    page_size: int = Field(default=500, ge=1, le=1000)
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=6, ge=1)
+    """Attempts per API request before a transient failure fails the task (Airflow then retries it)."""
+    max_backoff_seconds: float = Field(default=60.0, gt=0)
+    rate_limit_per_second: float = Field(default=15.0, gt=0)
+    """Requests per second per task process; B allows about 20 per key in all."""
+    staging_commit_rows: int = Field(default=50_000, ge=1)
+    """A pull commits its staging rows this often, so no transaction stays open for a whole window."""
+    merge_batch_size: int = Field(default=20_000, ge=1)
+    """Records merged per transaction into A's (large, replicated) tables."""
+    instance_slices: int = Field(default=1, ge=1, le=32)
+    """The instance pull is split into this many parallel tasks, each a time slice of the window."""
+    lock_timeout_seconds: int = Field(default=1800, ge=1)
+    """How long a merge waits for another run of the same source to finish merging."""
+    retries: int = Field(default=3, ge=0)
+    retry_delay_minutes: float = Field(default=2.0, gt=0)
+    max_retry_delay_minutes: float = Field(default=30.0, gt=0)
+    file_check: FileCheckConfig = FileCheckConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_source_system(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,15}", value):
+            raise ValueError("must be 1-16 lowercase letters, digits or '_', starting with a letter")
+        if value == "a":
+            raise ValueError("'a' is service A's own source_system and cannot be synced")
+        return value
+
+    @model_validator(mode="after")
+    def _mapping_default(self) -> SourceConfig:
+        if self.mapping_file is None:
+            object.__setattr__(self, "mapping_file", f"{self.name}.yaml")
+        return self
+
+    @property
+    def dag_id(self) -> str:
+        return f"medsync_{self.name}"
+
+    @property
+    def mapping_path(self) -> Path:
+        return include_dir() / "mappings" / str(self.mapping_file)
+
+
+def sources_dir() -> Path:
+    return include_dir() / "sources"
+
+
+def load_source_config(path: Path) -> SourceConfig:
+    """Reads and validates one source config; errors name the file and the field."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read source config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a source config is a YAML mapping")
+    try:
+        config = SourceConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from exc
+    if path.stem != config.name:
+        raise ConfigError(f"{path}: file name must be the source name ({config.name}.yaml)")
+    return config
+
+
+def load_source_configs(directory: Path | None = None) -> list[SourceConfig]:
+    """Every source config in ``include/sources/``, sorted by name."""
+    directory = directory or sources_dir()
+    return [load_source_config(p) for p in sorted(directory.glob("*.yaml"))]
+
+
+def get_source_config(name: str) -> SourceConfig:
+    path = sources_dir() / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no source config {path}")
+    return load_source_config(path)

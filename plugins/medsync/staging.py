@@ -1,0 +1,239 @@
+"""Pulling one level of a source into a staging table with COPY.
+
+Each run has one staging table per level, ``medsync.stage_<source>_<level>_r<run id>``,
+UNLOGGED (it is scratch: a crash loses it and the pull is simply re-run) and created
+LIKE the level's template. A pull (or one time slice of it) streams the source's
+pages, validates and maps each record, and COPYs the good ones; records that cannot be
+stored go to ``medsync.quarantine`` with their reason. Memory is bounded by one page
+and one commit chunk, whatever the window holds. A re-run first deletes its own slice's
+rows, so it is idempotent.
+
+The first slice also retries the level's open quarantine against the current mapping:
+what validates now is staged like any record; the merge then resolves the entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+from uuid_utils import uuid7
+
+from medsync.levels import STAGE_FIXED_COLUMNS, staged_columns
+from medsync.schema import MEDSYNC_LOCK_CLASS, SCHEMA
+from medsync.sources.b_rest.records import RecordRejected, StagedRecord
+from medsync.windows import Window
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_RETRY_CHUNK = 1000
+
+
+class Parser(Protocol):
+    def parse(self, level: str, raw: object) -> StagedRecord: ...
+
+
+def staging_table(source: str, level: str, run_id: int) -> sql.Identifier:
+    return sql.Identifier(SCHEMA, f"stage_{source}_{level}_r{run_id}")
+
+
+def staging_table_name(source: str, level: str, run_id: int) -> str:
+    return f"stage_{source}_{level}_r{run_id}"
+
+
+@dataclass
+class PullCounts:
+    pages: int = 0
+    records: int = 0
+    staged: int = 0
+    tombstones: int = 0
+    quarantined: int = 0
+    quarantine_retried: int = 0
+    quarantine_still_held: int = 0
+    seconds: float = 0.0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "reasons"}
+        out["seconds"] = round(self.seconds, 3)
+        # Reasons are grouped by their field and rule only: never by value.
+        out["reasons"] = dict(self.reasons.most_common(20))
+        return out
+
+
+def _reason_class(reason: str) -> str:
+    """The reason without any value it quotes, for logs and counts."""
+    return reason.split(";")[0].split("'")[0].split(" (")[0].strip()[:80]
+
+
+def ensure_staging_table(conn: psycopg.Connection, source: str, level: str, run_id: int) -> sql.Identifier:
+    """Creates this run's staging table for the level once, however many slices race to do it."""
+    table = staging_table(source, level, run_id)
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+            (MEDSYNC_LOCK_CLASS, f"stage:{source}:{level}:{run_id}"),
+        )
+        conn.execute(
+            sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (LIKE {})").format(
+                table, sql.Identifier(SCHEMA, f"stage_{level}")
+            )
+        )
+    return table
+
+
+def drop_staging_tables(conn: psycopg.Connection, source: str, run_id: int) -> None:
+    from medsync.config import LEVELS
+
+    for level in LEVELS:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging_table(source, level, run_id)))
+
+
+class _Quarantine:
+    """Collects held-back records of one commit chunk and writes them in one statement."""
+
+    def __init__(self, source: str, level: str, run_id: int) -> None:
+        self.source, self.level, self.run_id = source, level, run_id
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, rejected: RecordRejected, raw: object) -> None:
+        self.rows.append(
+            {
+                "source_key": rejected.source_key,
+                "source_updated_at": rejected.updated_at.isoformat() if rejected.updated_at else None,
+                "reason": rejected.reason,
+                "payload": raw if isinstance(raw, dict | list) else {"value": raw},
+            }
+        )
+
+    def flush(self, conn: psycopg.Connection) -> None:
+        if not self.rows:
+            return
+        # One statement per chunk; a record seen twice in a chunk keeps its newest version.
+        conn.execute(
+            """
+            INSERT INTO medsync.quarantine AS q
+                (source_system, level, source_key, source_updated_at, reason, payload, first_run_id, last_run_id)
+            SELECT DISTINCT ON (r.source_key) %(source)s, %(level)s, r.source_key, r.source_updated_at,
+                   r.reason, r.payload, %(run)s, %(run)s
+            FROM jsonb_to_recordset(%(rows)s::jsonb)
+                 AS r(source_key text, source_updated_at timestamptz, reason text, payload jsonb)
+            ORDER BY r.source_key, r.source_updated_at DESC NULLS LAST
+            ON CONFLICT (source_system, level, source_key) DO UPDATE
+            SET source_updated_at = excluded.source_updated_at, reason = excluded.reason,
+                payload = excluded.payload, last_run_id = excluded.last_run_id,
+                attempts = q.attempts + 1, updated_at = now(), resolved_at = NULL, resolved_run_id = NULL
+            WHERE q.source_updated_at IS NULL OR excluded.source_updated_at IS NULL
+               OR excluded.source_updated_at >= q.source_updated_at
+            """,
+            {"source": self.source, "level": self.level, "run": self.run_id, "rows": json.dumps(self.rows)},
+        )
+        self.rows.clear()
+
+
+def _open_quarantine_chunk(conn: psycopg.Connection, source: str, level: str, after: str) -> list[tuple[str, Any]]:
+    """The next open quarantine entries of a level after key ``after`` (keyset paging)."""
+    return conn.execute(
+        "SELECT source_key, payload FROM medsync.quarantine"
+        " WHERE source_system = %s AND level = %s AND resolved_at IS NULL AND source_key > %s"
+        " ORDER BY source_key LIMIT %s",
+        (source, level, after, QUARANTINE_RETRY_CHUNK),
+    ).fetchall()
+
+
+def pull_level(
+    conn: psycopg.Connection,
+    *,
+    source: str,
+    level: str,
+    run_id: int,
+    pages: Iterable[list[Any]],
+    parser: Parser,
+    slice_index: int = 0,
+    retry_quarantine: bool = True,
+    commit_rows: int = 50_000,
+    new_id: Callable[[], str] = lambda: str(uuid7()),
+) -> PullCounts:
+    """Stages one level (or one slice of it) for a run; returns what it counted.
+
+    ``pages`` yields lists of raw records (the source client's pages). ``conn`` must be in
+    autocommit mode: this function commits every ``commit_rows`` staged rows so that no
+    transaction stays open for a whole window.
+    """
+    started = time.monotonic()
+    counts = PullCounts()
+    table = ensure_staging_table(conn, source, level, run_id)
+    columns = sql.SQL(", ").join(map(sql.Identifier, (*STAGE_FIXED_COLUMNS, *staged_columns(level))))
+    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(table, columns)
+    width = len(staged_columns(level))
+    tombstone_tail = (None,) * width
+    quarantine = _Quarantine(source, level, run_id)
+
+    conn.execute(sql.SQL("DELETE FROM {} WHERE slice = %s").format(table), (slice_index,))
+
+    def stage(stream: Iterator[object], from_quarantine: bool) -> None:
+        exhausted = False
+        while not exhausted:
+            # One transaction per chunk: COPY rows and the chunk's quarantine commit together.
+            with conn.transaction():
+                with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                    in_chunk = 0
+                    for raw in stream:
+                        in_chunk += 1
+                        try:
+                            rec = parser.parse(level, raw)
+                        except RecordRejected as rejected:
+                            counts.reasons[_reason_class(rejected.reason)] += 1
+                            if from_quarantine:
+                                counts.quarantine_still_held += 1
+                            else:
+                                counts.quarantined += 1
+                            quarantine.add(rejected, raw)
+                        else:
+                            tail = tombstone_tail if rec.deleted else rec.values
+                            copy.write_row((rec.source_key, rec.updated_at, rec.deleted, new_id(), slice_index, *tail))
+                            counts.staged += 1
+                            counts.tombstones += rec.deleted
+                        if in_chunk >= commit_rows:
+                            break
+                    else:
+                        exhausted = True
+                quarantine.flush(conn)
+
+    def source_records() -> Iterator[object]:
+        for page in pages:
+            counts.pages += 1
+            counts.records += len(page)
+            yield from page
+
+    if retry_quarantine:
+        # Before the source's pages, so that what this pull quarantines is not retried at once.
+        # Read a chunk, then stage it: no query may run while a COPY is open on the connection.
+        last = ""
+        while chunk := _open_quarantine_chunk(conn, source, level, after=last):
+            last = chunk[-1][0]
+            counts.quarantine_retried += len(chunk)
+            stage(iter([payload for _, payload in chunk]), from_quarantine=True)
+    stage(source_records(), from_quarantine=False)
+    counts.seconds = time.monotonic() - started
+    log.info(
+        "pulled %s slice %d: %d pages, %d records, %d staged (%d tombstones), %d quarantined, "
+        "%d quarantined retried (%d still held) in %.1fs",
+        level, slice_index, counts.pages, counts.records, counts.staged, counts.tombstones,
+        counts.quarantined, counts.quarantine_retried, counts.quarantine_still_held, counts.seconds,
+    )  # fmt: skip
+    return counts
+
+
+def window_slice(window: Window, slices: int, index: int) -> Window:
+    parts = window.slices(slices)
+    if not 0 <= index < len(parts):
+        raise ValueError(f"slice {index} of a window split into {len(parts)}")
+    return parts[index]

@@ -1,0 +1,96 @@
+"""Which window ``[since, until)`` of the source's ``updated_at`` a run syncs.
+
+Every run syncs a bounded window; B is never asked for an open-ended one.
+
+- scheduled: from its interval's start, or from the level's watermark if that is
+  earlier (so a failed run leaves no gap), minus the lookback, until the interval's end;
+- backfill: exactly its interval, minus the lookback;
+- manual: its interval if it has one; otherwise from the watermark (minus the
+  lookback), or from the beginning when nothing was ever synced, until the run's start;
+- full refresh: from the beginning until the run's start.
+
+The watermark is kept per source and level. It advances only after a successful
+scheduled, manual or full-refresh run, to that run's ``until``, and never moves
+backwards; backfills leave it alone (they re-sync the past).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
+"""``since`` of a full refresh: before any record B can hold."""
+
+SCHEDULED, MANUAL, BACKFILL, FULL_REFRESH = "scheduled", "manual", "backfill", "full_refresh"
+
+
+@dataclass(frozen=True)
+class Window:
+    since: datetime
+    until: datetime
+
+    def slices(self, count: int) -> list[Window]:
+        """``count`` consecutive sub-windows covering this one exactly (for parallel pulls)."""
+        step = (self.until - self.since) / count
+        edges = [self.since + step * i for i in range(count)] + [self.until]
+        return [Window(a, b) for a, b in zip(edges, edges[1:], strict=False) if a < b]
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What Airflow knows about a run, as plain values (so planning is testable without Airflow)."""
+
+    airflow_run_type: str
+    """Airflow's DagRunType value: scheduled, manual, backfill, asset_triggered, ..."""
+    data_interval_start: datetime | None
+    data_interval_end: datetime | None
+    run_after: datetime
+    """When the run was due or triggered: the 'run start' of a manual or full run; stable across retries."""
+    full_refresh: bool = False
+
+
+def sync_kind(facts: RunFacts) -> str:
+    if facts.full_refresh:
+        return FULL_REFRESH
+    if facts.airflow_run_type == "backfill":
+        return BACKFILL
+    if facts.airflow_run_type == "scheduled":
+        return SCHEDULED
+    return MANUAL
+
+
+def _has_interval(facts: RunFacts) -> bool:
+    return (
+        facts.data_interval_start is not None
+        and facts.data_interval_end is not None
+        and facts.data_interval_start < facts.data_interval_end
+    )
+
+
+def plan_window(facts: RunFacts, watermark: datetime | None, lookback: timedelta) -> Window:
+    """The window one level of a run syncs, given that level's watermark (None: never synced)."""
+    kind = sync_kind(facts)
+    if kind == FULL_REFRESH:
+        since, until = BEGINNING, facts.run_after
+    elif kind in (SCHEDULED, BACKFILL) or _has_interval(facts):
+        if not _has_interval(facts):
+            raise ValueError(f"a {kind} run needs a data interval; the DAG's timetable must give one")
+        assert facts.data_interval_start is not None and facts.data_interval_end is not None
+        since, until = facts.data_interval_start, facts.data_interval_end
+        if kind == SCHEDULED and watermark is not None and watermark < since:
+            since = watermark
+        since -= lookback
+    else:
+        since = watermark - lookback if watermark is not None else BEGINNING
+        until = facts.run_after
+    since = max(since, BEGINNING)
+    if since >= until:
+        # A watermark ahead of a manual run's start (clock skew, or an earlier run with a
+        # later start) still syncs the lookback, never an empty or reversed window.
+        since = until - max(lookback, timedelta(minutes=1))
+    return Window(since, until)
+
+
+def advances_watermark(kind: str) -> bool:
+    return kind in (SCHEDULED, MANUAL, FULL_REFRESH)

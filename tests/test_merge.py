@@ -27,8 +27,9 @@ T3 = "2026-11-19T04:00:00Z"
 
 
 def patient(pid: str, t: str = T0, **kw: Any) -> dict[str, Any]:
+    name = {"family": "Doe", "given": "Jane"}
     return {"id": pid, "updated_at": t, "deleted": False, "mrn": f"MRN-{pid}",
-            "name": {"family": "Doe", "given": "Jane"}, "gender": "FEMALE", "birth_date": "1970-05-06", **kw}  # fmt: skip
+            "name": name, "gender": "FEMALE", "birth_date": "1970-05-06", **kw}  # fmt: skip
 
 
 def study(sid: str, pid: str, t: str = T0, **kw: Any) -> dict[str, Any]:
@@ -242,7 +243,9 @@ def test_unknown_enum_is_quarantined_then_fixed_by_a_mapping_change(sync: Sync) 
     tree["sequence"][0]["modality"] = "SPECTRAL_CT"
     counts = sync.run(**tree)
     assert counts["instance"]["pending"] == 2  # i1, i2 wait for q1
-    quarantine = sync.conn.execute("SELECT source_key, level, reason, payload->>'modality' FROM medsync.quarantine").fetchall()
+    quarantine = sync.conn.execute(
+        "SELECT source_key, level, reason, payload->>'modality' FROM medsync.quarantine"
+    ).fetchall()
     assert quarantine == [("q1", "sequence", "modality: unknown value 'SPECTRAL_CT' (not in the mapping file)",
                            "SPECTRAL_CT")]  # fmt: skip
     # Still unknown: retried, still held, nothing lost.
@@ -289,17 +292,21 @@ def test_rows_of_other_sources_are_untouched(sync: Sync) -> None:
         " VALUES ('00000000-0000-7000-8000-000000000003', %s, 'c', 's1', '9', 'COMPLETED')",
         (b_subject,),
     )
-    before = {r[0]: r[1] for r in sync.conn.execute("SELECT id, xmin::text FROM imaging.subject WHERE source_system <> 'b'")}
+    before = {
+        r[0]: r[1] for r in sync.conn.execute("SELECT id, xmin::text FROM imaging.subject WHERE source_system <> 'b'")
+    }
     sync.run(subject=[tomb("p1", T1), patient("p2", T1, mrn="CHANGED")])
-    after = {r[0]: r[1] for r in sync.conn.execute("SELECT id, xmin::text FROM imaging.subject WHERE source_system <> 'b'")}
+    after = {
+        r[0]: r[1] for r in sync.conn.execute("SELECT id, xmin::text FROM imaging.subject WHERE source_system <> 'b'")
+    }
     assert after == before
     c_study = sync.conn.execute("SELECT deleted_at FROM imaging.study WHERE source_system = 'c'").fetchone()
     assert c_study == (None,)
 
 
 def test_instance_links_to_the_live_sequence_sharing_its_series_uid(sync: Sync) -> None:
-    sync.run(subject=[patient("p1")], study=[study("s1", "p1")],
-             sequence=[series("q1", "s1", series_uid="1.3.same"), series("q2", "s1", T1, series_uid="1.3.same")])  # fmt: skip
+    twins = [series("q1", "s1", series_uid="1.3.same"), series("q2", "s1", T1, series_uid="1.3.same")]
+    sync.run(subject=[patient("p1")], study=[study("s1", "p1")], sequence=twins)
     sync.run(sequence=[tomb("q1", T2)])
     sync.run(instance=[image("i1", "1.3.same", T3)])
     q2 = sync.conn.execute("SELECT id FROM imaging.sequence WHERE source_key = 'q2'").fetchone()[0]
@@ -323,7 +330,7 @@ def test_merge_in_many_small_batches_matches_one_batch(a_db: str, a_template_db:
     }
     small = Sync(a_db, batch_size=2)
     small.run(**tree)
-    name = "medsync_t_big_batch_" + a_db.split("medsync_t_")[-1][-8:]
+    name = "medsync_t_big_batch_" + a_db.rsplit("medsync_t_", 1)[-1][-8:]
     big = Sync(create_database(name, template=a_template_db), batch_size=10_000)
     try:
         big.run(**tree)

@@ -27,7 +27,7 @@ from medsync.errors import MappingError
 from medsync.levels import spec
 
 
-class UnknownValue(ValueError):  # noqa: N818 - it is a reason, not an error of the program
+class UnknownValue(ValueError):
     """A source value that the mapping does not list."""
 
     def __init__(self, field: str, value: object) -> None:

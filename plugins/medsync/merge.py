@@ -86,9 +86,9 @@ class _Sql:
 
         pending_part = sql.SQL("")
         if s.parent_level:
-            pending_part = sql.SQL(
-                "UNION ALL SELECT {cols}, true FROM {pending} WHERE source_system = %(src)s"
-            ).format(cols=staged_list, pending=pending)
+            pending_part = sql.SQL("UNION ALL SELECT {cols}, true FROM {pending} WHERE source_system = %(src)s").format(
+                cols=staged_list, pending=pending
+            )
         self.build_work = sql.SQL(
             """
             CREATE TEMP TABLE merge_work AS
@@ -179,9 +179,7 @@ class _Sql:
             parent_join=parent_join,
         )
         self.decide = sql.SQL("INSERT INTO merge_decided {}").format(self.decide_select)
-        self.create_decided = sql.SQL("CREATE TEMP TABLE merge_decided AS {} WITH NO DATA").format(
-            self.decide_select
-        )
+        self.create_decided = sql.SQL("CREATE TEMP TABLE merge_decided AS {} WITH NO DATA").format(self.decide_select)
 
         fk = [_I(s.parent_fk)] if s.parent_fk else []
         insert_cols = [_I("id"), _I("source_system"), _I("source_key"), *fk, *map(_I, cols)]
@@ -307,8 +305,7 @@ def _lock_source(conn: psycopg.Connection, source: str, lock_timeout_seconds: in
         conn.execute("SELECT pg_advisory_lock(%s, %s)", (MEDSYNC_LOCK_CLASS, source_lock_key(source)))
     except psycopg.errors.LockNotAvailable:
         raise MergeError(
-            f"another run of source {source!r} kept merging for over {lock_timeout_seconds}s; "
-            "this task will be retried"
+            f"another run of source {source!r} kept merging for over {lock_timeout_seconds}s; this task will be retried"
         ) from None
     finally:
         conn.execute("RESET lock_timeout")
@@ -433,4 +430,3 @@ def _resolve_superseded_quarantine(conn: psycopg.Connection, s: LevelSpec, param
         params,
     )
     return cur.rowcount
-

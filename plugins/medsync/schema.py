@@ -174,9 +174,9 @@ def check_mapping(conn: psycopg.Connection, mapping: Mapping) -> None:
             try:
                 with conn.transaction():
                     conn.execute(
-                        sql.SQL("INSERT INTO {} (source_system, source_key, {}) VALUES ('medsync_check', 'x', %s)").format(
-                            scratch[table], sql.Identifier(column)
-                        ),
+                        sql.SQL(
+                            "INSERT INTO {} (source_system, source_key, {}) VALUES ('medsync_check', 'x', %s)"
+                        ).format(scratch[table], sql.Identifier(column)),
                         (value,),
                     )
             except psycopg.errors.DataError as exc:

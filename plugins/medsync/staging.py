@@ -70,7 +70,8 @@ class PullCounts:
 
 def _reason_class(reason: str) -> str:
     """The reason without any value it quotes, for logs and counts."""
-    return reason.split(";")[0].split("'")[0].split(" (")[0].strip()[:80]
+    head = reason.split(";", 1)[0].split("'", 1)[0]
+    return head.split(" (", 1)[0].strip()[:80]
 
 
 def ensure_staging_table(conn: psycopg.Connection, source: str, level: str, run_id: int) -> sql.Identifier:

@@ -227,8 +227,8 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
         result = check_instance_files(conn, cfg, changed_since=row[0], sample_size=cfg.file_check.sample_size)
         figures = result.as_dict()
         conn.execute(
-            "UPDATE medsync.sync_run SET report = coalesce(report, '{}'::jsonb) || jsonb_build_object('files', %s::jsonb)"
-            " WHERE id = %s",
+            "UPDATE medsync.sync_run"
+            " SET report = coalesce(report, '{}'::jsonb) || jsonb_build_object('files', %s::jsonb) WHERE id = %s",
             (Jsonb(figures), run_id),
         )
     log.info("file check for %s run %d: %s", source, run_id, figures)
@@ -238,5 +238,3 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
             f"{cfg.file_check.max_failures}: check the bucket and the IAM grant of {cfg.storage.aws_conn_id}"
         )
     return figures
-
-

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 """``since`` of a full refresh: before any record B can hold."""
@@ -34,7 +35,7 @@ class Window:
         """``count`` consecutive sub-windows covering this one exactly (for parallel pulls)."""
         step = (self.until - self.since) / count
         edges = [self.since + step * i for i in range(count)] + [self.until]
-        return [Window(a, b) for a, b in zip(edges, edges[1:], strict=False) if a < b]
+        return [Window(a, b) for a, b in pairwise(edges) if a < b]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from medsync.errors import MappingError
 from medsync.mapping import Mapping, UnknownValue
 
 
-class RecordRejected(ValueError):  # noqa: N818 - a verdict on a record, not a program error
+class RecordRejected(ValueError):
     """The record cannot be stored as it is; ``reason`` says why (no record contents)."""
 
     def __init__(self, reason: str, source_key: str, updated_at: datetime | None) -> None:

@@ -86,7 +86,7 @@ class FileCheckConfig(_Strict):
     enabled: bool = True
     sample_size: int = Field(default=20, ge=0)
     max_failures: int = Field(default=0, ge=0)
-    """The run fails when more sampled files than this are missing or denied."""
+    """The run fails when more sampled files than this are not readable (missing, denied, refused, errors)."""
 
 
 class SourceConfig(_Strict):

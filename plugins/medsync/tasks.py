@@ -231,10 +231,10 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
             " SET report = coalesce(report, '{}'::jsonb) || jsonb_build_object('files', %s::jsonb) WHERE id = %s",
             (Jsonb(figures), run_id),
         )
-    log.info("file check for %s run %d: %s", source, run_id, figures)
+    log.info("file check for %s run %d: %s", source, run_id, result.summary())
     if result.failed(cfg.file_check.max_failures):
         raise StorageError(
-            f"{source}: {figures} - more sampled files missing or denied than the allowed "
+            f"{source}: {result.summary()}: more sampled files unreadable than the allowed "
             f"{cfg.file_check.max_failures}: check the bucket and the IAM grant of {cfg.storage.aws_conn_id}"
         )
     return figures

@@ -60,8 +60,14 @@ def error(status: int, code: str, message: str = "", **headers: str) -> Reply:
 
 
 def rec(n: int, updated_at: str = "2026-11-19T01:00:00Z") -> dict[str, Any]:
-    return {"id": f"pat_{n:04d}", "updated_at": updated_at, "deleted": False,
-            "name": {"family": "Hong", "given": "Gildong"}, "mrn": "MRN-998877", "birth_date": "1970-01-02"}
+    return {
+        "id": f"pat_{n:04d}",
+        "updated_at": updated_at,
+        "deleted": False,
+        "name": {"family": "Hong", "given": "Gildong"},
+        "mrn": "MRN-998877",
+        "birth_date": "1970-01-02",
+    }
 
 
 class Stub:
@@ -155,8 +161,12 @@ def fake() -> FakeTime:
 
 def make_client(stub: Stub, fake: FakeTime, **overrides: Any) -> BApiClient:
     kwargs: dict[str, Any] = {
-        "timeout": 5.0, "max_attempts": 4, "max_backoff_seconds": 30.0, "rate_limit_per_second": None,
-        "sleep": fake.sleep, "clock": fake.clock,
+        "timeout": 5.0,
+        "max_attempts": 4,
+        "max_backoff_seconds": 30.0,
+        "rate_limit_per_second": None,
+        "sleep": fake.sleep,
+        "clock": fake.clock,
     }
     kwargs.update(overrides)
     return BApiClient(stub.base_url, API_KEY, **kwargs)
@@ -219,6 +229,21 @@ def test_expired_cursor_resumes_from_last_updated_at_received(stub: Stub, fake: 
     assert resumed.query["updated_since"] == "2026-11-19T00:30:00.250000Z"  # inclusive: pat_0002 again
     assert resumed.query["updated_before"] == "2026-11-19T12:00:00.000000Z"
     assert resumed.query["include_deleted"] == "true"
+
+
+def test_a_record_with_a_bad_updated_at_is_passed_on_and_resume_uses_the_last_good_one(
+    stub: Stub, fake: FakeTime
+) -> None:
+    # The parser quarantines the bad record; the client must neither stop nor resume from it.
+    stub.script = [
+        page([rec(1, "2026-11-19T02:00:00Z"), rec(2, "not a time")], "c1"),
+        error(400, "cursor_expired"),
+        page([rec(3, "2026-11-19T03:00:00Z")], None),
+    ]
+    with make_client(stub, fake) as client:
+        ids = [r["id"] for p in client.iter_pages("patients", SINCE, UNTIL, page_size=2) for r in p]
+    assert ids == ["pat_0001", "pat_0002", "pat_0003"]
+    assert stub.requests[2].query["updated_since"] == "2026-11-19T02:00:00.000000Z"
 
 
 def test_cursor_expiring_without_progress_gives_up(stub: Stub, fake: FakeTime) -> None:
@@ -342,15 +367,19 @@ def test_counts_and_get_record(stub: Stub, fake: FakeTime) -> None:
     with make_client(stub, fake) as client:
         assert client.counts() == {"patients": 3, "studies": 4, "series": 5, "images": 6}
         assert client.get_record("images", "img/1") == {
-            "id": "img/1", "updated_at": "2026-11-19T00:00:00Z", "deleted": True}
+            "id": "img/1",
+            "updated_at": "2026-11-19T00:00:00Z",
+            "deleted": True,
+        }
         assert client.get_record("images", "img_404") is None
     assert fake.sleeps == []
 
 
 def test_api_key_with_whitespace_is_refused_without_echoing_it(stub: Stub) -> None:
     with pytest.raises(ConfigError) as caught:
-        BApiClient(stub.base_url, "bad key\n", timeout=1, max_attempts=1, max_backoff_seconds=1,
-                   rate_limit_per_second=None)
+        BApiClient(
+            stub.base_url, "bad key\n", timeout=1, max_attempts=1, max_backoff_seconds=1, rate_limit_per_second=None
+        )
     assert "bad key" not in str(caught.value)
 
 
@@ -398,7 +427,10 @@ def test_token_bucket_is_thread_safe() -> None:
 
 
 def test_key_and_record_contents_never_reach_logs_or_stdout(
-    stub: Stub, fake: FakeTime, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+    stub: Stub,
+    fake: FakeTime,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # What requests' docs suggest for debugging: http.client then prints every header it sends.
@@ -407,7 +439,9 @@ def test_key_and_record_contents_never_reach_logs_or_stdout(
     for name in ("urllib3", "urllib3.connectionpool", "requests", "medsync"):
         caplog.set_level(logging.DEBUG, logger=name)
     stub.script = [
-        page([rec(1)], "c1"), error(503, "unavailable"), page([rec(2)], None),
+        page([rec(1)], "c1"),
+        error(503, "unavailable"),
+        page([rec(2)], None),
         error(401, "unauthorized", "invalid API key"),
     ]
     with make_client(stub, fake) as client:
@@ -428,8 +462,7 @@ def test_key_and_record_contents_never_reach_logs_or_stdout(
 
 def test_protocol_registry() -> None:
     protocol = get_protocol("b_rest")
-    assert protocol.RESOURCES == {"subject": "patients", "study": "studies", "sequence": "series",
-                                  "instance": "images"}
+    assert protocol.RESOURCES == {"subject": "patients", "study": "studies", "sequence": "series", "instance": "images"}
     with pytest.raises(ConfigError, match="unknown source protocol"):
         get_protocol("dicomweb_nope")
 
@@ -441,9 +474,7 @@ def set_conn(monkeypatch: pytest.MonkeyPatch, conn_id: str, **conn: Any) -> None
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "http", **conn}))
 
 
-def test_hook_builds_a_client_that_sends_the_password_as_key(
-    stub: Stub, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hook_builds_a_client_that_sends_the_password_as_key(stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
     from medsync.hooks.source_api import SourceApiHook
 
     set_conn(monkeypatch, "medsync_b_api", host=stub.base_url, password=API_KEY)
@@ -459,14 +490,27 @@ def test_hook_builds_a_client_that_sends_the_password_as_key(
 def test_hook_connection_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     from medsync.hooks.source_api import SourceApiHook
 
-    cfg = SourceConfig.model_validate({
-        "name": "b", "protocol": "b_rest", "connections": {"api_conn_id": "b_api"},
-        "storage": {"aws_conn_id": "b_aws", "bucket": "b-images"},
-        "request_timeout_seconds": 12, "max_attempts": 3, "max_backoff_seconds": 9,
-        "rate_limit_per_second": 5,
-    })
-    set_conn(monkeypatch, "b_api", host="b.example.internal", schema="http", port=8443, password="k-1234567",
-             extra={"base_path": "/export/v2/", "timeout": "45"})
+    cfg = SourceConfig.model_validate(
+        {
+            "name": "b",
+            "protocol": "b_rest",
+            "connections": {"api_conn_id": "b_api"},
+            "storage": {"aws_conn_id": "b_aws", "bucket": "b-images"},
+            "request_timeout_seconds": 12,
+            "max_attempts": 3,
+            "max_backoff_seconds": 9,
+            "rate_limit_per_second": 5,
+        }
+    )
+    set_conn(
+        monkeypatch,
+        "b_api",
+        host="b.example.internal",
+        schema="http",
+        port=8443,
+        password="k-1234567",
+        extra={"base_path": "/export/v2/", "timeout": "45"},
+    )
     client = SourceApiHook.from_source_config(cfg).get_conn()
     assert client.base_url == "http://b.example.internal:8443/export/v2"
     assert client.timeout == (10.0, 45.0)  # extra timeout wins over the config's

@@ -5,7 +5,8 @@ Every run syncs a bounded window; B is never asked for an open-ended one.
 - scheduled: from its interval's start, or from the level's watermark if that is
   earlier (so a failed run leaves no gap), minus the lookback, until the interval's end;
 - backfill: exactly its interval, minus the lookback;
-- manual: its interval if it has one; otherwise from the watermark (minus the
+- manual: its interval if it has one (from the watermark if that is earlier, because a
+  manual run advances the watermark too); otherwise from the watermark (minus the
   lookback), or from the beginning when nothing was ever synced, until the run's start;
 - full refresh: from the beginning until the run's start.
 
@@ -79,7 +80,7 @@ def plan_window(facts: RunFacts, watermark: datetime | None, lookback: timedelta
             raise ValueError(f"a {kind} run needs a data interval; the DAG's timetable must give one")
         assert facts.data_interval_start is not None and facts.data_interval_end is not None
         since, until = facts.data_interval_start, facts.data_interval_end
-        if kind == SCHEDULED and watermark is not None and watermark < since:
+        if kind != BACKFILL and watermark is not None and watermark < since:
             since = watermark
         since -= lookback
     else:

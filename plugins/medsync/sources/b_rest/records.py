@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any
@@ -52,10 +53,13 @@ def _rfc3339(value: object) -> datetime:
     return parsed
 
 
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
 def _iso_date(value: object) -> date | None:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) != 10:
+    if not isinstance(value, str) or not _DATE.fullmatch(value):
         raise ValueError("must be a YYYY-MM-DD date")
     try:
         return date.fromisoformat(value)
@@ -230,7 +234,8 @@ class RecordParser:
 
     def _live_values(self, level: str, raw: dict[str, Any]) -> tuple[Any, ...]:
         record = MODELS[level].model_validate(raw)
-        missing = [f for f in REQUIRED[level] if not getattr(record, f)]
+        # Emptiness is judged on what A would store, i.e. after NUL removal.
+        missing = [f for f in REQUIRED[level] if not _clean(getattr(record, f))]
         if missing:
             raise ValueError(f"required field missing or empty: {', '.join(missing)}")
         mapped = self.mapping.apply(level, record.model_dump(include={e.field for e in self.mapping.entries(level)}))

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench airflow clean
+.PHONY: install demo test test-fast test-slow lint bench bench-parse airflow presign clean
 
 install: $(STAMP)
 
@@ -25,9 +25,14 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The quick loop while developing: everything but the runs through real Airflow processes.
 test-fast: install
 	scripts/ensure-postgres.sh
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	scripts/ensure-postgres.sh
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -36,6 +41,19 @@ lint: install
 bench: install
 	scripts/ensure-postgres.sh
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+bench-parse: install
+	$(BIN)/python benchmarks/parse_time.py $(BENCH_ARGS)
+
+# A local Airflow (api-server on 127.0.0.1:8080, scheduler, dag-processor) with medsync loaded,
+# the simulator of B, an S3 server and the demo connections. Ctrl-C stops it all.
+airflow: install
+	scripts/ensure-postgres.sh
+	scripts/airflow-local.sh $(AIRFLOW_ARGS)
+
+# A presigned URL for instance ids, with the connections in the environment (see README).
+presign: install
+	PYTHONPATH=plugins $(BIN)/python -m medsync.presign_cli $(ID)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build

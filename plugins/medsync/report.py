@@ -4,8 +4,9 @@ Per level: pulled, inserted, updated, unchanged, deleted (own tombstones and del
 flowing down from parents), quarantined (open entries), pending, A's live rows, the
 source's live count (``/counts``, taken now) and the difference. For a window run the
 difference also holds whatever the source changed outside the window. After a full
-refresh, a difference that open quarantine, pending records and changes the source
-made after the window's end do not explain fails the run.
+refresh, a difference that open quarantine, pending records, rows A keeps deleted
+because their parent is deleted (a-model.md) and changes the source made after the
+window's end do not explain fails the run.
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ def build_report(
             sql.SQL("SELECT count(*) FROM {} WHERE source_system = %s AND deleted_at IS NULL").format(table),
             (source,),
         ).fetchone()
+        # Live in the source but deleted in A because a parent is: A's rule, not a loss.
+        under_deleted_parent = conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {} a WHERE a.source_system = %s AND a.deleted_at IS NOT NULL"
+                " AND NOT EXISTS (SELECT 1 FROM medsync.tombstone t WHERE t.source_system = a.source_system"
+                " AND t.level = %s AND t.source_key = a.source_key)"
+            ).format(table),
+            (source, level),
+        ).fetchone()
         quarantined = conn.execute(
             "SELECT count(*) FROM medsync.quarantine WHERE source_system = %s AND level = %s AND resolved_at IS NULL",
             (source, level),
@@ -97,6 +107,7 @@ def build_report(
             "deleted": int(merge_counts.get("deleted", 0)) + cascaded.get(level, 0),
             "quarantined": int(quarantined[0]) if quarantined else 0,
             "pending": int(pending[0]) if pending else 0,
+            "deleted_with_parent": int(under_deleted_parent[0]) if under_deleted_parent else 0,
             "a_live": a_live_n,
             "source_live": source_live,
             "difference": a_live_n - source_live,
@@ -117,12 +128,12 @@ def check_full_refresh(report: dict[str, Any]) -> None:
         return
     problems = []
     for level, f in report["levels"].items():
-        explained = f["quarantined"] + f["pending"] + f.get("changed_after_window", 0)
+        explained = f["quarantined"] + f["pending"] + f["deleted_with_parent"] + f.get("changed_after_window", 0)
         if abs(f["difference"]) > explained:
             problems.append(
                 f"{level}: A has {f['a_live']} live rows, the source {f['source_live']} "
                 f"(difference {f['difference']}, at most {explained} explained by quarantine, "
-                "pending records and later changes)"
+                "pending records, rows deleted with their parent and later changes)"
             )
     if problems:
         raise ReconciliationError("full refresh does not reconcile: " + "; ".join(problems))
@@ -135,4 +146,10 @@ def format_report(report: dict[str, Any]) -> str:
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     out = [f"source {report['source']}, run {report['run_id']} ({report['kind']})", fmt.format(*header)]
     out += [fmt.format(*r) for r in lines]
+    files = report.get("files")
+    if files:
+        out.append(
+            "files: checked {checked} of {candidates} new or changed instances: {ok} readable, "
+            "{missing} missing, {denied} denied, {refused} refused, {errors} errors".format(**files)
+        )
     return "\n".join(out)

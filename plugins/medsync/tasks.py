@@ -8,6 +8,7 @@ moves only through A's database; every function is safe to re-run.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -57,8 +58,9 @@ def source_client(cfg: SourceConfig) -> Any:
 def record_parser(cfg: SourceConfig, variable: Callable[[str], str | None] = get_variable) -> Any:
     from medsync.sources import get_protocol
 
-    protocol = get_protocol(cfg.protocol)
-    return protocol.RecordParser(load_mapping(cfg.mapping_path), cfg.storage.resolve_bucket(variable))
+    # The protocol package imports nothing heavy (DAG parse time): its parser lives in ``.records``.
+    records = importlib.import_module(f"{get_protocol(cfg.protocol).__name__}.records")
+    return records.RecordParser(load_mapping(cfg.mapping_path), cfg.storage.resolve_bucket(variable))
 
 
 def prepare(source: str, *, dag_run_id: str, facts: RunFacts) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def prepare(source: str, *, dag_run_id: str, facts: RunFacts) -> dict[str, Any]:
             row = conn.execute(
                 "INSERT INTO medsync.sync_run (source_system, dag_run_id, run_type) VALUES (%s, %s, %s)"
                 " ON CONFLICT (source_system, dag_run_id) DO UPDATE"
-                " SET run_type = excluded.run_type, status = 'running', finished_at = NULL"
+                " SET run_type = excluded.run_type, status = 'running', finished_at = NULL, report = NULL"
                 " RETURNING id",
                 (source, dag_run_id, kind),
             ).fetchone()
@@ -179,7 +181,12 @@ def report(source: str, run_id: int) -> dict[str, Any]:
     client = source_client(cfg)
     with connect_a(cfg) as conn:
         result = build_report(conn, client, get_protocol(cfg.protocol).RESOURCES, source, run_id)
-        conn.execute("UPDATE medsync.sync_run SET report = %s WHERE id = %s", (Jsonb(result), run_id))
+        # check_files already put its figures under "files"; keep them beside the levels.
+        row = conn.execute(
+            "UPDATE medsync.sync_run SET report = coalesce(report, '{}'::jsonb) || %s WHERE id = %s RETURNING report",
+            (Jsonb(result), run_id),
+        ).fetchone()
+        result = row[0] if row else result
     log.info("sync report for %s run %d:\n%s", source, run_id, format_report(result))
     check_full_refresh(result)
     return {"run_id": run_id, "kind": result["kind"], "ok": True}
@@ -237,4 +244,4 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
             f"{source}: {result.summary()}: more sampled files unreadable than the allowed "
             f"{cfg.file_check.max_failures}: check the bucket and the IAM grant of {cfg.storage.aws_conn_id}"
         )
-    return figures
+    return {k: v for k, v in figures.items() if k != "examples"}

@@ -1,0 +1,167 @@
+"""`make demo`: a full sync of a simulated service B into A's tables, then an incremental one.
+
+What it starts (and stops at the end): a PostgreSQL database for A (``medsync_demo``), the
+simulator of B's API and an S3-compatible server, both on 127.0.0.1, and Airflow in a
+throw-away home (SQLite metadata) that runs the real ``medsync_b`` DAG with
+``airflow dags test``. ``MEDSYNC_DEMO_KEEP=1`` keeps the database to explore afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import requests
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
+
+from devstack.airflow_env import Wiring, airflow_env, dags_test, include_copy, migrate_metadata  # noqa: E402
+from devstack.s3 import put_files, s3_server  # noqa: E402
+from medsync.report import format_report  # noqa: E402
+from simulator import BSimulator, SimConfig  # noqa: E402
+
+ADMIN_DSN = os.environ.get("MEDSYNC_DEMO_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+DB = "medsync_demo"
+API_KEY = "demo-key-not-secret"
+BUCKET = "b-imaging-demo"
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def last_tick(now: datetime) -> datetime:
+    """The last 00:00 or 12:00 Asia/Seoul (UTC+9) before ``now``: the schedule's ticks."""
+    seoul = now + timedelta(hours=9)
+    tick = seoul.replace(hour=12 if seoul.hour >= 12 else 0, minute=0, second=0, microsecond=0)
+    return tick - timedelta(hours=9)
+
+
+def recreate_database() -> str:
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB)))
+    params = psycopg.conninfo.conninfo_to_dict(ADMIN_DSN)
+    params["dbname"] = DB
+    dsn = psycopg.conninfo.make_conninfo(**params)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute((ROOT / "include" / "sql" / "a_schema.sql").read_text())
+    return dsn
+
+
+def run_dag(env: dict[str, str], what: str, **kwargs: Any) -> None:
+    started = time.monotonic()
+    result = dags_test(env, **kwargs)
+    if result.returncode != 0:
+        print(result.stdout[-8000:], result.stderr[-4000:], sep="\n")
+        raise SystemExit(f"the {what} run failed (its log is above)")
+    print(f"{what}: DAG run succeeded in {time.monotonic() - started:.0f}s (Airflow start-up included)")
+
+
+def show_report(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        (report,) = conn.execute("SELECT report FROM medsync.sync_run ORDER BY id DESC LIMIT 1").fetchone() or (None,)
+    print(format_report(report))
+
+
+def show_state(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        print("quarantined records (reason only; payloads stay in medsync.quarantine):")
+        for level, key, reason in conn.execute(
+            "SELECT level, source_key, reason FROM medsync.quarantine WHERE resolved_at IS NULL ORDER BY 1, 2 LIMIT 8"
+        ):
+            print(f"  {level:<9} {key:<18} {reason[:90]}")
+        print("a few sequences in A (B's KNEE_LEFT etc. became body_part + laterality):")
+        for row in conn.execute(
+            "SELECT source_key, modality, body_part, laterality, deleted_at IS NOT NULL FROM imaging.sequence"
+            " WHERE source_system = 'b' AND laterality IS NOT NULL ORDER BY source_key LIMIT 4"
+        ):
+            print("  {:<18} modality={} body_part={} laterality={} deleted={}".format(*row))
+
+
+def presign_one(dsn: str, env: dict[str, str]) -> None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT id, storage_bucket, storage_key FROM imaging.instance"
+            " WHERE source_system = 'b' AND deleted_at IS NULL ORDER BY source_key LIMIT 1"
+        ).fetchone()
+    assert row is not None
+    instance_id, bucket, key = row
+    out = subprocess.run(
+        [sys.executable, "-m", "medsync.presign_cli", str(instance_id)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"presigning failed: {out.stderr.strip()}")
+    url = out.stdout.strip()
+    body = requests.get(url, timeout=30).content
+    print(f"instance {instance_id} -> s3://{bucket}/{key}")
+    print(f"presigned GET (expires in 5 min): {url[:100]}...")
+    print(f"fetched {len(body)} bytes; DICOM marker present: {body[128:132] == b'DICM'}")
+
+
+def main() -> None:
+    now = datetime.now(UTC)
+    tick = last_tick(now)
+    config = SimConfig(
+        seed=2026, patients=40, studies_per_patient=3, series_per_study=3, images_per_series=8,
+        clock="manual", base_time=(tick - timedelta(hours=6)).isoformat(),
+        unknown_enum_fraction=0.01, invalid_fraction=0.005,
+    )  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="medsync-demo-"))
+    keep = os.environ.get("MEDSYNC_DEMO_KEEP") == "1"
+    try:
+        step(f"service A's database: {DB} on 127.0.0.1:5432 with A's tables")
+        dsn = recreate_database()
+        with BSimulator(config, api_key=API_KEY) as sim, s3_server() as endpoint:
+            sim.set_faults(rate_limit_per_second=20)  # as B's real API
+            counts = sim.counts()
+            step(f"simulated B at {sim.base_url}: {counts}")
+            put_files(endpoint, BUCKET, sim.iter_files())
+            print(f"B's image files are in s3://{BUCKET} on {endpoint}")
+            wiring = Wiring(f"postgresql://postgres@127.0.0.1:5432/{DB}", sim.base_url, API_KEY, endpoint, BUCKET,
+                            include_dir=include_copy(workdir / "include", retries=0))  # fmt: skip
+            env = airflow_env(workdir / "airflow", wiring)
+            step("Airflow: a throw-away home with a SQLite metadata database")
+            migrate_metadata(env)
+
+            step("run 1: medsync_b with full_refresh=true (the first load)")
+            run_dag(env, "full refresh", conf={"full_refresh": True})
+            show_report(dsn)
+            show_state(dsn)
+
+            step(f"B changes things at {(tick - timedelta(hours=1)).isoformat()}: updates, deletes, new records")
+            sim.set_now(tick - timedelta(hours=1))
+            changed = sim.mutate_fraction(0.03, seed=11)
+            print({kind: sum(v.values()) for kind, v in changed.items()})
+            put_files(endpoint, BUCKET, sim.iter_files())
+
+            step(f"run 2: medsync_b for the 12 hours until {tick.isoformat()} (an incremental window)")
+            run_dag(env, "incremental", logical_date=now.isoformat())
+            show_report(dsn)
+
+            step("a presigned URL for one synced instance, from the command line (medsync.presign_cli)")
+            presign_one(dsn, env)
+        step("done")
+        print("The report of every run is in medsync.sync_run.report; A's rows are in imaging.*.")
+        if keep:
+            print(f"Database kept: psql -h 127.0.0.1 -U postgres {DB}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep:
+            with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
+
+
+if __name__ == "__main__":
+    main()

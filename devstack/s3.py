@@ -1,0 +1,47 @@
+"""An S3-compatible server on 127.0.0.1 (moto's server mode) holding a source's files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import boto3
+from botocore.config import Config
+from moto.server import ThreadedMotoServer
+
+# moto logs every request through werkzeug; the stack is quiet unless something fails.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """Yields the endpoint URL of a fresh moto S3 server; stops it afterwards."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def put_files(endpoint: str, bucket: str, files: Iterable[tuple[str, bytes]]) -> int:
+    """Creates ``bucket`` if needed and puts every (key, bytes); returns how many."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", connect_timeout=5, read_timeout=30),
+    )
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    count = 0
+    for key, body in files:
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+        count += 1
+    return count

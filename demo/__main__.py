@@ -78,7 +78,8 @@ def show_state(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         print("quarantined records (reason only; payloads stay in medsync.quarantine):")
         for level, key, reason in conn.execute(
-            "SELECT level, source_key, reason FROM medsync.quarantine WHERE resolved_at IS NULL ORDER BY 1, 2 LIMIT 8"
+            "SELECT level, source_key, reason FROM (SELECT *, row_number() OVER (PARTITION BY level ORDER BY"
+            " source_key) AS n FROM medsync.quarantine WHERE resolved_at IS NULL) q WHERE n <= 2 ORDER BY 1, 2"
         ):
             print(f"  {level:<9} {key:<18} {reason[:90]}")
         print("a few sequences in A (B's KNEE_LEFT etc. became body_part + laterality):")

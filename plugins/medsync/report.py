@@ -141,7 +141,9 @@ def check_full_refresh(report: dict[str, Any]) -> None:
 
 def format_report(report: dict[str, Any]) -> str:
     header = ["level", *COLUMNS]
-    lines = [[level, *(str(f[c]) for c in COLUMNS)] for level, f in report["levels"].items()]
+    # Stored as jsonb, which does not keep key order: list levels parents first again.
+    levels = [(level, report["levels"][level]) for level in LEVELS if level in report["levels"]]
+    lines = [[level, *(str(f[c]) for c in COLUMNS)] for level, f in levels]
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     out = [f"source {report['source']}, run {report['run_id']} ({report['kind']})", fmt.format(*header)]

@@ -174,7 +174,7 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
 
 def report(source: str, run_id: int) -> dict[str, Any]:
     """Compares A with the source's counts and records the run's figures; fails an unexplained full refresh."""
-    from medsync.report import build_report, check_full_refresh, format_report
+    from medsync.report import COLUMNS, build_report, check_full_refresh, format_report
     from medsync.sources import get_protocol
 
     cfg = get_source_config(source)
@@ -189,7 +189,8 @@ def report(source: str, run_id: int) -> dict[str, Any]:
         result = row[0] if row else result
     log.info("sync report for %s run %d:\n%s", source, run_id, format_report(result))
     check_full_refresh(result)
-    return {"run_id": run_id, "kind": result["kind"], "ok": True}
+    figures = {level: {c: f[c] for c in COLUMNS} for level, f in result["levels"].items()}
+    return {"run_id": run_id, "kind": result["kind"], "levels": figures}
 
 
 def finish(source: str, run_id: int) -> dict[str, Any]:

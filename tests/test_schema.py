@@ -1,0 +1,110 @@
+"""prepare's checks on a real PostgreSQL: migrations, A's tables, mappings A would reject."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from medsync import schema
+from medsync.config import get_source_config
+from medsync.errors import MappingError, SchemaError
+from medsync.mapping import load_mapping, parse_mapping
+
+
+def b_mapping_raw() -> dict[str, Any]:
+    mapping = load_mapping(get_source_config("b").mapping_path)
+    raw: dict[str, Any] = {"source": "b"}
+    for level, entries in mapping.levels.items():
+        raw[level] = [
+            {"field": e.field, "columns": list(e.columns),
+             "values": {k: (list(v) if len(v) > 1 else v[0]) for k, v in e.values.items()}}
+            for e in entries
+        ]  # fmt: skip
+    return raw
+
+
+def test_migrations_apply_once_and_are_recorded(a_db: str) -> None:
+    with psycopg.connect(a_db, autocommit=True) as conn:
+        assert schema.migrate(conn) == [1]
+        assert schema.migrate(conn) == []
+        assert conn.execute("SELECT version FROM medsync.schema_migration").fetchall() == [(1,)]
+        # medsync's tables live in its own schema, none inside A's.
+        imaging = conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'imaging'")
+        assert {r[0] for r in imaging} == {"subject", "study", "sequence", "instance"}
+
+
+def test_two_prepares_racing_both_succeed_and_migrate_once(a_db: str) -> None:
+    results: list[object] = []
+
+    def migrate() -> None:
+        try:
+            with psycopg.connect(a_db, autocommit=True) as conn:
+                results.append(schema.migrate(conn))
+        except psycopg.Error as exc:  # collected for the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(map(str, results)) == ["[1]", "[]", "[]", "[]"]
+
+
+def test_an_edited_applied_migration_is_refused(a_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with psycopg.connect(a_db, autocommit=True) as conn:
+        schema.migrate(conn)
+        original = schema._migrations()
+        monkeypatch.setattr(schema, "_migrations", lambda: [(v, n, t + "\n-- edited") for v, n, t in original])
+        with pytest.raises(SchemaError, match="changed after it was applied"):
+            schema.migrate(conn)
+
+
+def test_a_tables_as_in_the_contract_pass(a_db: str) -> None:
+    with psycopg.connect(a_db, autocommit=True) as conn:
+        schema.check_a_tables(conn)
+
+
+@pytest.mark.parametrize(
+    ("ddl", "expected"),
+    [
+        ("DROP TABLE imaging.instance", "imaging.instance is missing"),
+        ("ALTER TABLE imaging.sequence DROP COLUMN laterality", "imaging.sequence.laterality is missing"),
+        ("ALTER TABLE imaging.subject ALTER COLUMN birth_date TYPE text", "birth_date is text, expected date"),
+        ("ALTER TABLE imaging.study ADD COLUMN site text NOT NULL", "imaging.study.site is NOT NULL without a default"),
+        ("ALTER TABLE imaging.subject DROP CONSTRAINT subject_source_system_source_key_key", "no unique index"),
+    ],
+)
+def test_a_tables_that_differ_are_refused_with_every_difference(a_db: str, ddl: str, expected: str) -> None:
+    with psycopg.connect(a_db, autocommit=True) as conn:
+        conn.execute(ddl)
+        with pytest.raises(SchemaError, match=expected):
+            schema.check_a_tables(conn)
+
+
+def test_the_b_mapping_is_accepted_by_a(a_db: str) -> None:
+    with psycopg.connect(a_db, autocommit=True) as conn:
+        schema.check_mapping(conn, load_mapping(get_source_config("b").mapping_path))
+        # Nothing is left behind by the check.
+        assert conn.execute("SELECT count(*) FROM imaging.sequence").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("level", "index", "value", "target", "expected"),
+    [
+        ("sequence", 0, "MRI", "MRX", "sequence.modality: A rejects 'MRX'"),
+        ("subject", 0, "MALE", "MALE", "subject.sex: A"),
+        ("study", 0, "ORDERED", None, "study.status: maps a value to null but A requires a value"),
+        ("sequence", 1, "KNEE_LEFT", ["KNEE", "LEFT"], "sequence.laterality: A"),
+    ],
+)
+def test_a_mapping_to_values_a_rejects_is_refused_before_anything_is_written(
+    a_db: str, level: str, index: int, value: str, target: object, expected: str
+) -> None:
+    raw = b_mapping_raw()
+    raw[level][index]["values"][value] = target
+    with psycopg.connect(a_db, autocommit=True) as conn, pytest.raises(MappingError, match=expected):
+        schema.check_mapping(conn, parse_mapping(raw))

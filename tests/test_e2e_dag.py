@@ -49,7 +49,17 @@ class Stack:
         assert result.returncode == 0, output[-6000:]
         assert "Task failed" not in output, output[-6000:]
         assert API_KEY not in output
+        for secret in self.phi_samples():
+            assert secret not in output, "patient data reached the logs"
         return output
+
+    def phi_samples(self) -> list[str]:
+        """Some MRNs, family names and birth dates B holds: none may appear in any log."""
+        found = []
+        for rec in list(self.sim.live_records("patients"))[:5]:
+            name = rec.get("name") or {}
+            found += [v for v in (rec.get("mrn"), name.get("family"), rec.get("birth_date")) if v and len(v) >= 6]
+        return found
 
     def query(self, text: str, *args: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.dsn) as conn:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -29,6 +29,7 @@ LEVELS: tuple[str, ...] = ("subject", "study", "sequence", "instance")
 """A's hierarchy, parents first. Every per-level name in medsync uses these words."""
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def include_dir() -> Path:
@@ -173,19 +174,24 @@ def sources_dir() -> Path:
     return include_dir() / "sources"
 
 
-def load_source_config(path: Path) -> SourceConfig:
-    """Reads and validates one source config; errors name the file and the field."""
+def load_yaml_model(path: Path, model: type[_M], what: str) -> _M:
+    """Reads a YAML file into a pydantic model; every error names the file and the field."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read source config: {exc}") from exc
+        raise ConfigError(f"{path}: cannot read {what}: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a source config is a YAML mapping")
+        raise ConfigError(f"{path}: {what} is a YAML mapping")
     try:
-        config = SourceConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
+
+
+def load_source_config(path: Path) -> SourceConfig:
+    """Reads and validates one source config; errors name the file and the field."""
+    config = load_yaml_model(path, SourceConfig, "a source config")
     if path.stem != config.name:
         raise ConfigError(f"{path}: file name must be the source name ({config.name}.yaml)")
     return config

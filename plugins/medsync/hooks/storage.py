@@ -36,15 +36,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from psycopg.rows import tuple_row
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medsync.config import StorageConfig, get_source_config, include_dir
-from medsync.errors import ConfigError, MedsyncError, StorageError
+from medsync.config import StorageConfig, get_source_config, include_dir, load_yaml_model
+from medsync.errors import MedsyncError, StorageError
 
 if TYPE_CHECKING:
     import psycopg
@@ -118,18 +117,7 @@ def a_storage_path() -> Path:
 
 def load_a_storage(path: Path | None = None) -> AStorageFile:
     """Reads and validates ``include/storage/a.yaml``; errors name the file and the field."""
-    path = path or a_storage_path()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read A's storage config: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: A's storage config is a YAML mapping")
-    try:
-        return AStorageFile.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from exc
+    return load_yaml_model(path or a_storage_path(), AStorageFile, "A's storage config")
 
 
 def storage_config_for(source: str) -> StorageConfig:

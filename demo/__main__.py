@@ -72,6 +72,10 @@ def show_report(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         (report,) = conn.execute("SELECT report FROM medsync.sync_run ORDER BY id DESC LIMIT 1").fetchone() or (None,)
     print(format_report(report))
+    print(
+        "(difference = A's live rows - B's live records now. Held-back records (quarantined), their\n"
+        " children waiting for them (pending) and children of deleted parents explain it.)"
+    )
 
 
 def show_state(dsn: str) -> None:

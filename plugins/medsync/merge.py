@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _I = sql.Identifier
 
+MERGE_TEMP_BUFFERS = "64MB"
+
 
 def source_lock_key(source: str) -> int:
     """Advisory lock id of a source's merges (second half of a two-int key; stable everywhere)."""
@@ -116,7 +118,12 @@ class _Sql:
                 ORDER BY p.{lookup}, (p.deleted_at IS NULL) DESC, p.source_updated_at DESC
                 """
             ).format(lookup=lookup, ptable=_I(A_SCHEMA, parent.table))
-            parent_join = sql.SQL("LEFT JOIN merge_parent p ON p.parent_key = w.parent_key")
+            # A probe of merge_parent's unique index per record, not a join: a hash join read all of
+            # the merge's parents for every batch, which grows with the square of the load.
+            parent_join = sql.SQL(
+                "LEFT JOIN LATERAL (SELECT p0.id, p0.deleted_at FROM merge_parent p0"
+                " WHERE p0.parent_key = w.parent_key LIMIT 1) p ON true"
+            )
             parent_cols = sql.SQL("p.id AS p_id, p.deleted_at AS p_deleted_at, a.{fk} AS a_parent_id").format(
                 fk=_I(s.parent_fk or "")
             )
@@ -160,9 +167,19 @@ class _Sql:
                                     false) AS stale,
                            w.deleted OR COALESCE(t.source_updated_at >= w.source_updated_at, false) AS own_deleted
                     FROM merge_work w
-                    LEFT JOIN {table} a ON a.source_system = %(src)s AND a.source_key = w.source_key
-                    LEFT JOIN medsync.tombstone t
-                           ON t.source_system = %(src)s AND t.level = %(level)s AND t.source_key = w.source_key
+                    -- One index probe per record, whatever the statistics say: a first load grows A's
+                    -- table faster than ANALYZE runs, and a join planned on stale statistics scanned
+                    -- the whole table for every batch. (source_system, source_key) is unique, so
+                    -- LIMIT 1 changes no result; it only keeps the lookup a lookup.
+                    LEFT JOIN LATERAL (
+                        SELECT * FROM {table} a0 WHERE a0.source_system = %(src)s AND a0.source_key = w.source_key
+                        LIMIT 1
+                    ) a ON true
+                    LEFT JOIN LATERAL (
+                        SELECT t0.source_updated_at FROM medsync.tombstone t0
+                        WHERE t0.source_system = %(src)s AND t0.level = %(level)s AND t0.source_key = w.source_key
+                        LIMIT 1
+                    ) t ON true
                     {parent_join}
                     WHERE w.batch = %(batch)s
                 ) x
@@ -220,6 +237,10 @@ class _Sql:
             self.pending_clear = self.pending_keep = None
 
 
+_DROP_WORK_TABLES = (
+    "DROP TABLE IF EXISTS merge_work, merge_parent, merge_decided, merge_flipped, merge_flipped_next, merge_cascade"
+)
+
 _TOMBSTONES_REMEMBER = """
 INSERT INTO medsync.tombstone AS t (source_system, level, source_key, source_updated_at)
 SELECT %(src)s, %(level)s, source_key, source_updated_at FROM merge_decided
@@ -243,10 +264,14 @@ WHERE q.source_system = %(src)s AND q.level = %(level)s AND q.source_key = d.sou
   AND (q.source_updated_at IS NULL OR q.source_updated_at <= d.source_updated_at)
 """
 
+# Per action: records, deletions, undeletions, and the tombstones the batch must remember or forget
+# (so that statements with nothing to do are not run: most batches only insert, or change nothing).
 _COUNT_ACTIONS = """
 SELECT action, count(*),
        count(*) FILTER (WHERE a_deleted_at IS NULL AND n_deleted_at IS NOT NULL),
-       count(*) FILTER (WHERE a_deleted_at IS NOT NULL AND n_deleted_at IS NULL)
+       count(*) FILTER (WHERE a_deleted_at IS NOT NULL AND n_deleted_at IS NULL),
+       count(*) FILTER (WHERE own_deleted),
+       count(*) FILTER (WHERE NOT own_deleted AND t_version IS NOT NULL)
 FROM merge_decided GROUP BY action
 """
 
@@ -257,25 +282,47 @@ WHERE action = 'update' AND (a_deleted_at IS NULL) <> (n_deleted_at IS NULL)
 """
 
 
-def _cascade_statement(child: LevelSpec) -> sql.Composed:
-    # Deleted parent: live children follow it. Parent back: children deleted without a
-    # tombstone of their own come back. Only rows of the same source are touched.
-    return sql.SQL(
+def _cascade_statements(child: LevelSpec) -> tuple[sql.Composed, sql.Composed]:
+    """Finding, then flipping, the children of the rows in ``merge_flipped`` (one level down).
+
+    Deleted parent: live children follow it. Parent back: children deleted without a
+    tombstone of their own come back. Only rows of the same source are touched.
+
+    Both statements are shaped so that no plan can scan the child table, whatever A's
+    statistics say (a bulk load leaves them far behind, and a planner that trusted them
+    scanned all instances for every batch, to touch a few hundred): the children are found
+    through the FK index, one probe per flipped parent (a LATERAL subquery behind OFFSET 0
+    cannot be flattened into a join), and updated by primary key from an analysed table.
+    """
+    table, fk = _I(A_SCHEMA, child.table), _I(child.parent_fk or "")
+    find = sql.SQL(
+        """
+        INSERT INTO merge_cascade (id, deleted_at)
+        SELECT c.id, f.deleted_at
+        FROM merge_flipped f
+        CROSS JOIN LATERAL (
+            SELECT c0.id, c0.source_system, c0.source_key, c0.deleted_at FROM {table} c0 WHERE c0.{fk} = f.id
+            OFFSET 0
+        ) c
+        WHERE c.source_system = %(src)s
+          AND ((f.deleted_at IS NOT NULL AND c.deleted_at IS NULL)
+            OR (f.deleted_at IS NULL AND c.deleted_at IS NOT NULL AND NOT EXISTS (
+                  SELECT 1 FROM medsync.tombstone t
+                  WHERE t.source_system = c.source_system AND t.level = %(child)s AND t.source_key = c.source_key)))
+        """
+    ).format(table=table, fk=fk)
+    flip = sql.SQL(
         """
         WITH changed AS (
-            UPDATE {table} c SET deleted_at = f.deleted_at, updated_at = now()
-            FROM merge_flipped f
-            WHERE c.{fk} = f.id AND c.source_system = %(src)s
-              AND ((f.deleted_at IS NOT NULL AND c.deleted_at IS NULL)
-                OR (f.deleted_at IS NULL AND c.deleted_at IS NOT NULL AND NOT EXISTS (
-                      SELECT 1 FROM medsync.tombstone t
-                      WHERE t.source_system = c.source_system AND t.level = %(child)s
-                        AND t.source_key = c.source_key)))
+            UPDATE {table} c SET deleted_at = m.deleted_at, updated_at = now()
+            FROM merge_cascade m
+            WHERE c.id = m.id AND (c.deleted_at IS NULL) = (m.deleted_at IS NOT NULL)
             RETURNING c.id, c.deleted_at
         )
         INSERT INTO merge_flipped_next (id, deleted_at) SELECT id, deleted_at FROM changed
         """
-    ).format(table=_I(A_SCHEMA, child.table), fk=_I(child.parent_fk or ""))
+    ).format(table=table)
+    return find, flip
 
 
 def _cascade(conn: psycopg.Connection, source: str, level: str, counts: MergeCounts) -> None:
@@ -284,7 +331,13 @@ def _cascade(conn: psycopg.Connection, source: str, level: str, counts: MergeCou
         if conn.execute("SELECT NOT EXISTS (SELECT 1 FROM merge_flipped)").fetchone() == (True,):
             return
         child = spec(child_level)
-        conn.execute(_cascade_statement(child), {"src": source, "child": child_level})
+        find, flip = _cascade_statements(child)
+        params = {"src": source, "child": child_level}
+        conn.execute("ANALYZE merge_flipped")
+        conn.execute(find, params)
+        conn.execute("ANALYZE merge_cascade")
+        conn.execute(flip, params)
+        conn.execute("TRUNCATE merge_cascade")
         deleted, undeleted = conn.execute(
             "SELECT count(*) FILTER (WHERE deleted_at IS NOT NULL), count(*) FILTER (WHERE deleted_at IS NULL)"
             " FROM merge_flipped_next"
@@ -344,8 +397,12 @@ def merge_level(
     params: dict[str, Any] = {"src": source, "level": level, "run": run_id}
     counts = MergeCounts()
     _lock_source(conn, source, lock_timeout_seconds)
+    # The batch statements are many and short: compiling them (JIT) cost more than it saved.
+    conn.execute("SET jit = off")
+    _use_larger_temp_buffers(conn)
     try:
-        conn.execute("DROP TABLE IF EXISTS merge_work, merge_parent, merge_decided, merge_flipped, merge_flipped_next")
+        conn.execute(_DROP_WORK_TABLES)
+        pending_rows = s.parent_level is not None and _has_pending_rows(conn, s, source)
         with conn.transaction():
             conn.execute(q.build_work, {**params, "batch": batch_size})
             conn.execute("CREATE INDEX ON merge_work (batch)")
@@ -357,17 +414,19 @@ def merge_level(
             conn.execute(q.create_decided, {**params, "batch": -1})
             conn.execute("CREATE TEMP TABLE merge_flipped (id uuid, deleted_at timestamptz)")
             conn.execute("CREATE TEMP TABLE merge_flipped_next (id uuid, deleted_at timestamptz)")
+            conn.execute("CREATE TEMP TABLE merge_cascade (id uuid, deleted_at timestamptz)")
         counts.candidates, batches = conn.execute(
             "SELECT count(*), coalesce(max(batch) + 1, 0) FROM merge_work"
         ).fetchone() or (0, 0)
         for batch in range(batches):
             with conn.transaction():
-                _merge_batch(conn, q, {**params, "batch": batch}, counts)
+                _merge_batch(conn, q, {**params, "batch": batch}, counts, pending_rows=pending_rows)
             counts.batches += 1
         with conn.transaction():
             counts.quarantine_resolved += _resolve_superseded_quarantine(conn, s, params)
     finally:
-        conn.execute("DROP TABLE IF EXISTS merge_work, merge_parent, merge_decided, merge_flipped, merge_flipped_next")
+        conn.execute(_DROP_WORK_TABLES)
+        conn.execute("RESET jit")
         _unlock_source(conn, source)
     counts.seconds = time.monotonic() - started
     log.info(
@@ -380,36 +439,76 @@ def merge_level(
     return counts
 
 
-def _merge_batch(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], counts: MergeCounts) -> None:
+def _merge_batch(
+    conn: psycopg.Connection, q: _Sql, params: dict[str, Any], counts: MergeCounts, *, pending_rows: bool
+) -> None:
+    """Decides one batch against A's current rows and applies it.
+
+    Each statement after the decision runs only when the batch's counts say it has rows to
+    touch; ``pending_rows`` says whether the level's pending table held rows of the source
+    when the merge began (only this merge, under the source lock, adds to it meanwhile).
+    """
     conn.execute("TRUNCATE merge_decided")
     conn.execute(q.decide, params)
-    for action, n, became_deleted, came_back in conn.execute(_COUNT_ACTIONS):
+    batch: Counter[str] = Counter()
+    remember = forget = flipped = 0
+    for action, n, became_deleted, came_back, own_deleted, tombstoned in conn.execute(_COUNT_ACTIONS):
+        batch[action] += n
         if action == "insert":
-            counts.inserted += n
             counts.deleted += became_deleted
         elif action == "update":
-            counts.updated += n
             counts.deleted += became_deleted
             counts.undeleted += came_back
-        elif action == "unchanged":
-            counts.unchanged += n
-        elif action == "stale":
-            counts.stale += n
-        elif action == "pending":
-            counts.pending += n
-        elif action == "tombstone_only":
-            counts.tombstones_only += n
-    conn.execute(q.insert, params)
-    conn.execute(q.update, params)
-    conn.execute(_TOMBSTONES_REMEMBER, params)
-    conn.execute(_TOMBSTONES_FORGET, params)
+            flipped += became_deleted + came_back
+        if action != "stale":
+            remember += own_deleted
+            forget += tombstoned
+    counts.inserted += batch["insert"]
+    counts.updated += batch["update"]
+    counts.unchanged += batch["unchanged"]
+    counts.stale += batch["stale"]
+    counts.pending += batch["pending"]
+    counts.tombstones_only += batch["tombstone_only"]
+    if batch["insert"]:
+        conn.execute(q.insert, params)
+    if batch["update"]:
+        conn.execute(q.update, params)
+    if remember:
+        conn.execute(_TOMBSTONES_REMEMBER, params)
+    if forget:
+        conn.execute(_TOMBSTONES_FORGET, params)
     if q.pending_clear is not None and q.pending_keep is not None:
-        conn.execute(q.pending_clear, params)
-        conn.execute(q.pending_keep, params)
+        if pending_rows:
+            conn.execute(q.pending_clear, params)
+        if batch["pending"]:
+            conn.execute(q.pending_keep, params)
     cur = conn.execute(_QUARANTINE_RESOLVE_BATCH, params)
     counts.quarantine_resolved += cur.rowcount
-    conn.execute(_FLIPPED_FROM_BATCH)
-    _cascade(conn, params["src"], q.s.level, counts)
+    if flipped:
+        conn.execute(_FLIPPED_FROM_BATCH)
+        _cascade(conn, params["src"], q.s.level, counts)
+
+
+def _use_larger_temp_buffers(conn: psycopg.Connection) -> None:
+    """Keeps a batch's temporary tables in memory.
+
+    PostgreSQL's default (8 MB) is smaller than one batch of decisions (about 14 MB for
+    20,000 instances), so every batch wrote its work tables out and read them back. The
+    memory is taken only as used, for this session.
+    """
+    try:
+        conn.execute(sql.SQL("SET temp_buffers = {}").format(sql.Literal(MERGE_TEMP_BUFFERS)))
+    except psycopg.errors.InvalidParameterValue:
+        # This session used temporary tables already; the setting is fixed for its lifetime.
+        log.debug("temp_buffers left as they are: the session used temporary tables before the merge")
+
+
+def _has_pending_rows(conn: psycopg.Connection, s: LevelSpec, source: str) -> bool:
+    row = conn.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE source_system = %s)").format(_I(SCHEMA, f"pending_{s.level}")),
+        (source,),
+    ).fetchone()
+    return row == (True,)
 
 
 def _resolve_superseded_quarantine(conn: psycopg.Connection, s: LevelSpec, params: dict[str, Any]) -> int:

@@ -1,0 +1,492 @@
+"""``python -m benchmarks`` (``make bench``): the sync's figures, in one run (docs/benchmarks.md).
+
+Against a catalogue of ``--instances`` instances (default 1,000,000: 5,000 subjects x 4
+studies x 5 sequences x 10 instances), served by the B simulator without its rate limit:
+
+1. floor: every page fetched and COPYed raw into an unlogged table (``benchmarks.floor``);
+2. full load: the whole DAG (prepare, pulls, merges, report, finish), rows in A checked;
+3. no-change re-syncs: the newest 12 h window, then a full refresh; rows A wrote, counted
+   by PostgreSQL (must be 0);
+4. incremental: 1% of every level changed (updates, deletes, new records) inside one 12 h
+   window, then that window synced;
+5. instance pull split into 1, 2 and 4 time slices (parallel tasks);
+6. naive baseline and the sync on a ``--naive-instances`` catalogue (default 100,000);
+7. scale: the full load again at each ``--scale`` size (default 3,000,000).
+
+Every task runs in a process of its own, forked from a server that imported Airflow once
+(its start-up is reported apart). Results: a table on stdout, JSON in ``benchmarks/results/``,
+task logs beside it. Timings are never asserted anywhere; ``tests/test_benchmark_smoke.py``
+runs a tiny version so that this keeps working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from benchmarks import floor, measure, table
+from benchmarks.dag import BenchError, SyncRun, Task, TaskRun, Workers, prepare, run_sync, sync_graph
+from benchmarks.fixtures import (
+    API_KEY,
+    BASE_TIME,
+    RESOURCES,
+    Shape,
+    connect,
+    database,
+    include_dir,
+    simulator,
+    worker_env,
+)
+from benchmarks.paths import ROOT
+from benchmarks.worker import PROFILE_ENV
+from medsync import staging
+from medsync.config import LEVELS
+from medsync.windows import BEGINNING, RunFacts, Window
+from tests.conftest import dsn_for
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+WINDOW = timedelta(hours=12)
+"""The DAG's schedule: twice a day."""
+B_REQUESTS_PER_SECOND = 20
+"""B's documented rate limit per API key, for the figure the run cannot measure."""
+
+
+@dataclass(frozen=True)
+class Options:
+    instances: int
+    scale: tuple[int, ...]
+    naive_instances: int
+    slices: int
+    """Instance slices of the full loads (the DAG's ``instance_slices``)."""
+    slice_counts: tuple[int, ...]
+    page_size: int
+    incremental_fraction: float
+    keep: bool
+    results_dir: Path
+    plugins: str
+    profile: bool
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--instances", type=int, default=1_000_000, help="size of the main catalogue (default 1,000,000)")
+    p.add_argument(
+        "--scale", default="3000000", help="comma-separated sizes of the scale runs, or 'none' (default 3000000)"
+    )
+    p.add_argument("--naive-instances", type=int, default=100_000, help="size of the naive baseline's catalogue")
+    p.add_argument("--slices", type=int, default=None, help="instance slices of the full loads (default: b.yaml's)")
+    p.add_argument("--slice-counts", default="1,2,4", help="slice counts of the instance pull comparison")
+    p.add_argument("--page-size", type=int, default=None, help="records per page (default: b.yaml's)")
+    p.add_argument("--incremental-fraction", type=float, default=0.01)
+    p.add_argument("--quick", action="store_true", help="small sizes (20k, scale 60k, naive 5k): a few minutes less")
+    p.add_argument("--keep", action="store_true", help="keep the databases (medsync_bench_<pid>_*)")
+    p.add_argument("--profile", action="store_true", help="profile every task (pyinstrument) next to the results")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--plugins", default=str(ROOT / "plugins"), help="run another checkout's plugins/ (before/after)")
+    a = p.parse_args(argv)
+    from medsync.config import load_source_config
+
+    cfg = load_source_config(ROOT / "include" / "sources" / "b.yaml")
+    instances, scale, naive = a.instances, a.scale, a.naive_instances
+    if a.quick:
+        instances, scale, naive = 20_000, "60000", 5_000
+    return Options(
+        instances=instances,
+        scale=() if scale.strip().lower() in ("", "none") else tuple(int(x) for x in scale.split(",")),
+        naive_instances=naive,
+        slices=a.slices or cfg.instance_slices,
+        slice_counts=tuple(int(x) for x in a.slice_counts.split(",") if x.strip()),
+        page_size=a.page_size or cfg.page_size,
+        incremental_fraction=a.incremental_fraction,
+        keep=a.keep,
+        results_dir=a.results_dir,
+        plugins=a.plugins,
+        profile=a.profile,
+    )
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class Bench:
+    """One benchmark run; ``results`` is what gets printed and saved."""
+
+    def __init__(self, opts: Options, log_path: Path) -> None:
+        self.opts = opts
+        self.log_path = log_path
+        self.workers = Workers(str(log_path))
+        self.results: dict[str, Any] = {}
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    def run(self, tmp: Path) -> dict[str, Any]:
+        opts = self.opts
+        self.results.update(
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            machine=self._machine(),
+            options={k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()},
+            load_before=_load(),
+        )
+        self.results["startup_seconds"] = round(self.workers.start(), 2)
+        self.main_catalogue(tmp)
+        self.naive(tmp)
+        self.results["scale"] = [self.scale(tmp, n) for n in opts.scale]
+        self.results["load_after"] = _load()
+        self.results["targets"] = targets(self.results)
+        return self.results
+
+    def main_catalogue(self, tmp: Path) -> None:
+        opts = self.opts
+        shape = Shape.for_instances(opts.instances)
+        include = include_dir(tmp / "include", page_size=opts.page_size, instance_slices=opts.slices)
+        with simulator(shape) as sim, database("main", opts.keep) as db, connect(db) as conn:
+            workers = self.workers.using(worker_env(include, db, sim.base_url))
+            self.results["catalogue"] = {"instances": shape.instances, "records": shape.records, **shape.per_level}
+            self.results["floor"] = self.floor(workers, conn, db, sim, shape)
+
+            full = self.sync(workers, conn, "full-load", RunFacts("manual", None, None, BASE_TIME), sim.proc.pid)
+            full["rows"] = measure.check_rows(conn, sim.base_url)
+            self._require(full["rows"]["matches"], f"after the full load A's rows differ from B's: {full['rows']}")
+            full["b_rate_limit"] = b_rate_limit(full, opts.page_size)
+            self.results["full_load"] = full
+
+            newest = RunFacts("scheduled", BASE_TIME - WINDOW, BASE_TIME, BASE_TIME)
+            self.results["no_change_window"] = self.sync(workers, conn, "no-change-window", newest, sim.proc.pid)
+            refresh = RunFacts("manual", None, None, BASE_TIME, full_refresh=True)
+            self.results["no_change_full_refresh"] = self.sync(
+                workers, conn, "no-change-full-refresh", refresh, sim.proc.pid
+            )
+
+            self.results["incremental"] = self.incremental(workers, conn, sim)
+            self.results["slices"] = [self.sliced_pull(workers, conn, k, sim) for k in opts.slice_counts]
+
+    def floor(self, workers: Workers, conn: psycopg.Connection, db: str, sim: Any, shape: Shape) -> dict[str, Any]:
+        """Raw fetch + COPY of the full load's windows, with the pulls' parallelism."""
+        base_url = sim.base_url
+        floor.create_table(conn)
+        measure.checkpoint(conn)
+        cpu = measure.CpuProbe.take(sim.proc.pid)
+        window = Window(BEGINNING, BASE_TIME)
+        tasks = []
+        for level in LEVELS:
+            parts = window.slices(self.opts.slices if level == "instance" else 1)
+            for i, part in enumerate(parts):
+                tasks.append(
+                    _floor_task(f"floor_{level}_{i}", db, base_url, RESOURCES[level], part, self.opts.page_size)
+                )
+        began = time.perf_counter()
+        ran = workers.run_graph(tasks)
+        seconds = time.perf_counter() - began
+        used = cpu.since()
+        records = sum(t.result["records"] for t in ran.values())
+        stored = conn.execute(f"SELECT count(*) FROM {floor.TABLE}").fetchone()
+        floor.drop_table(conn)
+        self._require(
+            records == shape.records, f"the floor fetched {records} records, the catalogue has {shape.records}"
+        )
+        self._require(stored is not None and stored[0] == records, "the floor table lost records")
+        return {
+            "seconds": seconds,
+            "records": records,
+            "records_per_s": records / seconds,
+            "peak_rss_mb": max(t.peak_rss_mb for t in ran.values()),
+            "cpu": used,
+            "client_cpu_seconds": sum(t.cpu_seconds for t in ran.values()),
+        }
+
+    def sync(
+        self, workers: Workers, conn: psycopg.Connection, name: str, facts: RunFacts, simulator_pid: int
+    ) -> dict[str, Any]:
+        """One DAG run with the rows it wrote into A, counted by PostgreSQL, and the CPU it kept busy."""
+        measure.checkpoint(conn)
+        probe = measure.WriteProbe.take(conn)
+        cpu = measure.CpuProbe.take(simulator_pid)
+        ran = run_sync(workers, name, facts, self.opts.slices)
+        figures = sync_figures(ran)
+        figures["cpu"] = cpu.since()
+        figures["written"] = probe.written(conn)
+        return figures
+
+    def incremental(self, workers: Workers, conn: psycopg.Connection, sim: Any) -> dict[str, Any]:
+        """Changes 1% of every level at one instant, then syncs the 12 h window holding it."""
+        sim.admin.set_now((BASE_TIME + timedelta(hours=1)).isoformat())
+        changed = sim.admin.mutate_fraction(self.opts.incremental_fraction, seed=7)
+        sim.admin.set_now((BASE_TIME + WINDOW).isoformat())
+        facts = RunFacts("scheduled", BASE_TIME, BASE_TIME + WINDOW, BASE_TIME + WINDOW)
+        figures = self.sync(workers, conn, "incremental", facts, sim.proc.pid)
+        figures["changed"] = changed
+        figures["rows"] = measure.check_rows(conn, sim.base_url)
+        self._require(
+            figures["rows"]["matches"], f"after the incremental run A's rows differ from B's: {figures['rows']}"
+        )
+        return figures
+
+    def sliced_pull(self, workers: Workers, conn: psycopg.Connection, slices: int, sim: Any) -> dict[str, Any]:
+        """The whole instance window pulled by ``slices`` parallel tasks (staging only), then its floor."""
+        measure.checkpoint(conn)
+        facts = RunFacts("manual", None, None, BASE_TIME + WINDOW, full_refresh=True)
+        began = time.perf_counter()
+        run_id = prepare(workers, f"slices-{slices}", facts).result["run_id"]
+        prepared = time.perf_counter()
+        cpu = measure.CpuProbe.take(sim.proc.pid)
+        ran = workers.run_graph(sync_graph(run_id, slices, levels=("instance",), pulls_only=True))
+        seconds = time.perf_counter() - prepared
+        used = cpu.since()
+        staging.drop_staging_tables(conn, "b", run_id)
+        conn.execute("UPDATE medsync.sync_run SET status = 'failed' WHERE id = %s", (run_id,))
+        records = sum(t.result["staged"] + t.result["quarantined"] for t in ran.values())
+        # The same window and slices through the floor: what the source and the machine allow for it.
+        floor.create_table(conn)
+        db = conn.info.dbname
+        parts = Window(BEGINNING, facts.run_after).slices(slices)
+        tasks = [
+            _floor_task(f"floor_instance_{i}", db, sim.base_url, RESOURCES["instance"], part, self.opts.page_size)
+            for i, part in enumerate(parts)
+        ]
+        floor_began = time.perf_counter()
+        workers.run_graph(tasks)
+        floor_seconds = time.perf_counter() - floor_began
+        floor.drop_table(conn)
+        return {
+            "slices": slices,
+            "seconds": seconds,
+            "prepare_seconds": prepared - began,
+            "records": records,
+            "records_per_s": records / seconds,
+            "peak_rss_mb": max(t.peak_rss_mb for t in ran.values()),
+            "cpu": used,
+            "pull_cpu_seconds": sum(t.cpu_seconds for t in ran.values()),
+            "floor_seconds": floor_seconds,
+        }
+
+    def naive(self, tmp: Path) -> None:
+        """The naive baseline and the sync, each into an empty A, on the same smaller catalogue."""
+        shape = Shape.for_instances(self.opts.naive_instances)
+        include = include_dir(tmp / "include-naive", page_size=self.opts.page_size, instance_slices=self.opts.slices)
+        out: dict[str, Any] = {"catalogue": {"instances": shape.instances, "records": shape.records}}
+        with simulator(shape) as sim:
+            with database("naive", self.opts.keep) as db, connect(db) as conn:
+                workers = self.workers.using(worker_env(include, db, sim.base_url))
+                measure.checkpoint(conn)
+                began = time.perf_counter()
+                ran = workers.run_one("benchmarks.naive:load", since=BEGINNING, until=BASE_TIME)
+                seconds = time.perf_counter() - began
+                rows = measure.check_rows(conn, sim.base_url)
+                self._require(rows["matches"], f"the naive baseline did not load the catalogue: {rows}")
+                out["naive"] = {
+                    "seconds": seconds,
+                    "records": shape.records,
+                    "records_per_s": shape.records / seconds,
+                    "peak_rss_mb": ran.peak_rss_mb,
+                    "per_level": ran.result,
+                }
+            with database("naive_sync", self.opts.keep) as db, connect(db) as conn:
+                workers = self.workers.using(worker_env(include, db, sim.base_url))
+                figures = self.sync(workers, conn, "full-load", RunFacts("manual", None, None, BASE_TIME), sim.proc.pid)
+                rows = measure.check_rows(conn, sim.base_url)
+                self._require(rows["matches"], "the sync did not load the naive baseline's catalogue")
+                out["sync"] = {k: figures[k] for k in ("seconds", "records", "records_per_s", "peak_rss_mb")}
+        out["speed_up"] = out["naive"]["seconds"] / out["sync"]["seconds"]
+        self.results["naive"] = out
+
+    def scale(self, tmp: Path, instances: int) -> dict[str, Any]:
+        """The full load of a catalogue of ``instances``: time, records/s and peak RSS."""
+        shape = Shape.for_instances(instances)
+        include = include_dir(
+            tmp / f"include-{instances}", page_size=self.opts.page_size, instance_slices=self.opts.slices
+        )
+        with simulator(shape) as sim, database(f"scale_{instances}", self.opts.keep) as db, connect(db) as conn:
+            workers = self.workers.using(worker_env(include, db, sim.base_url))
+            figures = self.sync(workers, conn, "full-load", RunFacts("manual", None, None, BASE_TIME), sim.proc.pid)
+            figures["rows"] = measure.check_rows(conn, sim.base_url)
+            self._require(figures["rows"]["matches"], f"after the {instances:,} load A's live rows differ from B's")
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+            figures["database_mb"] = int(size[0]) / 2**20 if size else None
+        figures["catalogue"] = {"instances": shape.instances, "records": shape.records}
+        return figures
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _require(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise BenchError(f"{message} (task logs: {self.log_path})")
+
+    def _machine(self) -> dict[str, Any]:
+        with psycopg.connect(dsn_for("postgres")) as conn:
+            version = conn.execute("SHOW server_version").fetchone()
+            settings = dict(
+                conn.execute(
+                    "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN"
+                    " ('shared_buffers', 'max_wal_size', 'work_mem', 'synchronous_commit', 'fsync', 'wal_level')"
+                ).fetchall()
+            )
+        return {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "postgresql": version[0] if version else None,
+            "pg_settings": settings,
+            "plugins": self.opts.plugins,
+        }
+
+
+def _floor_task(name: str, db: str, base_url: str, resource: str, window: Window, page_size: int) -> Task:
+    kwargs = {
+        "dsn": dsn_for(db),
+        "base_url": base_url,
+        "api_key": API_KEY,
+        "resource": resource,
+        "since": window.since,
+        "until": window.until,
+        "page_size": page_size,
+        "commit_rows": 50_000,
+    }
+    return Task(name, "benchmarks.floor:pull_raw", kwargs)
+
+
+def sync_figures(ran: SyncRun) -> dict[str, Any]:
+    """A DAG run's time, records, records/s per level and peak RSS per task."""
+    levels: dict[str, Any] = {}
+    for level in LEVELS:
+        pulls = ran.tasks_like(f"pull_{level}")
+        merge = ran.tasks[f"merge_{level}"]
+        records = sum(t.result["staged"] + t.result["quarantined"] for t in pulls)
+        pull_seconds = max(t.began + t.seconds for t in pulls) - min(t.began for t in pulls)
+        merged = merge.result
+        levels[level] = {
+            "records": records,
+            "pull_seconds": pull_seconds,
+            "pull_records_per_s": records / pull_seconds if pull_seconds else None,
+            "merge_seconds": merge.seconds,
+            "merge_records_per_s": records / merge.seconds if merge.seconds else None,
+            "inserted": merged["inserted"],
+            "updated": merged["updated"],
+            "unchanged": merged["unchanged"],
+            "pending": merged["pending"],
+            "pull_peak_rss_mb": max(t.peak_rss_mb for t in pulls),
+            "merge_peak_rss_mb": merge.peak_rss_mb,
+        }
+    records = sum(v["records"] for v in levels.values())
+    last_merge = ran.tasks[f"merge_{LEVELS[-1]}"]
+    return {
+        "run_id": ran.run_id,
+        "kind": ran.kind,
+        "seconds": ran.seconds,
+        # The sync proper, without the report (which counts A's live rows: a scan of every table).
+        "seconds_to_last_merge": last_merge.began + last_merge.seconds,
+        "report_seconds": ran.tasks["report"].seconds,
+        "records": records,
+        "records_per_s": records / ran.seconds,
+        "levels": levels,
+        "tasks": {name: _task_figures(t) for name, t in ran.tasks.items()},
+        "peak_rss_mb": max(t.peak_rss_mb for t in ran.tasks.values()),
+        "start_rss_mb": max(t.start_rss_mb for t in ran.tasks.values()),
+    }
+
+
+def _task_figures(t: TaskRun) -> dict[str, Any]:
+    return {
+        "began": round(t.began, 3),
+        "seconds": round(t.seconds, 3),
+        "cpu_seconds": round(t.cpu_seconds, 3),
+        "peak_rss_mb": round(t.peak_rss_mb, 1),
+        "start_rss_mb": round(t.start_rss_mb, 1),
+    }
+
+
+def b_rate_limit(full: dict[str, Any], page_size: int) -> dict[str, Any]:
+    """What B's real limit (about 20 requests/s per key, all tasks together) means for this load."""
+    pages = sum(-(-v["records"] // page_size) for v in full["levels"].values())
+    return {
+        "pages": pages,
+        "requests_per_s": B_REQUESTS_PER_SECOND,
+        "min_seconds": pages / B_REQUESTS_PER_SECOND,
+        "min_seconds_at_1000_per_page": sum(-(-v["records"] // 1000) for v in full["levels"].values())
+        / B_REQUESTS_PER_SECOND,
+    }
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it was met."""
+    full = r["full_load"]
+    out = [
+        {
+            "target": "full load within 1.5x the floor",
+            "value": full["seconds"] / r["floor"]["seconds"],
+            "limit": 1.5,
+            "met": full["seconds"] / r["floor"]["seconds"] <= 1.5,
+        },
+        {
+            "target": "at least 10x faster than the naive baseline",
+            "value": r["naive"]["speed_up"],
+            "limit": 10,
+            "met": r["naive"]["speed_up"] >= 10,
+        },
+        {
+            "target": "incremental 1% within 5% of the full load",
+            "value": r["incremental"]["seconds"] / full["seconds"],
+            "limit": 0.05,
+            "met": r["incremental"]["seconds"] / full["seconds"] <= 0.05,
+        },
+        {
+            "target": "no rows rewritten by a no-change re-sync of the newest window",
+            "value": r["no_change_window"]["written"]["total_tuples"],
+            "limit": 0,
+            "met": r["no_change_window"]["written"]["total_tuples"] == 0
+            and r["no_change_window"]["written"]["total_xmin"] == 0,
+        },
+        {
+            "target": "no rows rewritten by a no-change full refresh",
+            "value": r["no_change_full_refresh"]["written"]["total_tuples"],
+            "limit": 0,
+            "met": r["no_change_full_refresh"]["written"]["total_tuples"] == 0
+            and r["no_change_full_refresh"]["written"]["total_xmin"] == 0,
+        },
+        {
+            "target": f"peak RSS of every task under 300 MB at {r['catalogue']['instances']:,}",
+            "value": full["peak_rss_mb"],
+            "limit": 300,
+            "met": full["peak_rss_mb"] < 300,
+        },
+    ]
+    for s in r["scale"]:
+        growth = s["peak_rss_mb"] / full["peak_rss_mb"]
+        out.append(
+            {
+                "target": f"peak RSS at {s['catalogue']['instances']:,} at most 10% above the main load's",
+                "value": growth,
+                "limit": 1.1,
+                "met": growth <= 1.1,
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    log_path = opts.results_dir / f"{stamp}.log"
+    if opts.profile:
+        # Every task process profiles itself into this folder (benchmarks.worker); the task name is the file name.
+        profiles = opts.results_dir / f"{stamp}-profiles"
+        profiles.mkdir()
+        os.environ[PROFILE_ENV] = str(profiles)
+    bench = Bench(opts, log_path)
+    with tempfile.TemporaryDirectory(prefix="medsync-bench-") as tmp:
+        results = bench.run(Path(tmp))
+    out = opts.results_dir / f"{stamp}.json"
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    print(table.render(results))
+    print(f"\nsaved {out} (task logs: {log_path})")
+    return 0

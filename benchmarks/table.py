@@ -1,0 +1,130 @@
+"""The benchmark's figures as the plain-text table ``python -m benchmarks`` prints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def _n(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first, *rest = cells
+        return "  ".join([f"{first:<{widths[0]}}", *(f"{c:>{w}}" for c, w in zip(rest, widths[1:], strict=True))])
+
+    return [line(header), *(line(r) for r in rows)]
+
+
+def render(r: dict[str, Any]) -> str:
+    full = r["full_load"]
+    cat = r["catalogue"]
+    opts = r["options"]
+    out = [
+        f"medsync benchmark {r['started_at']}: {cat['instances']:,} instances ({cat['records']:,} records in 4 levels),"
+        f" page size {opts['page_size']}, instance slices {opts['slices']}",
+        f"machine: {r['machine']['cpus']} CPUs, PostgreSQL {r['machine']['postgresql']}, load average "
+        f"{r['load_before'][0]} before / {r['load_after'][0]} after; B simulator without its rate limit",
+        f"worker start-up (Airflow and medsync imported once per worker; excluded from every time below): "
+        f"{r['startup_seconds']:.1f} s",
+        "",
+    ]
+
+    def row(name: str, f: dict[str, Any], written: bool = True) -> list[str]:
+        w = f.get("written", {}).get("total_tuples") if written else None
+        return [
+            name,
+            _n(f["seconds"], 1),
+            _n(f["records"]),
+            _n(f["records_per_s"]),
+            f"{f['seconds'] / full['seconds']:.3f}",
+            "-" if w is None else _n(w),
+            _n(f.get("peak_rss_mb")),
+        ]
+
+    naive = r["naive"]
+    rows = [
+        row("floor: fetch + raw COPY", r["floor"], written=False),
+        row("full load", full),
+        row("no change: newest 12 h window", r["no_change_window"]),
+        row("no change: full refresh", r["no_change_full_refresh"]),
+        row(f"incremental {opts['incremental_fraction']:.0%} in one 12 h window", r["incremental"]),
+        row(f"naive baseline, {naive['catalogue']['instances']:,} instances", naive["naive"], written=False),
+        row(f"sync, same {naive['catalogue']['instances']:,} instances", naive["sync"], written=False),
+        *(row(f"full load, {s['catalogue']['instances']:,} instances", s) for s in r["scale"]),
+    ]
+    header = ["run", "seconds", "records", "records/s", "x full load", "A rows written", "peak RSS MB"]
+    out += _grid(header, rows)
+
+    out.append("")
+    level_rows = [
+        [
+            level,
+            _n(f["records"]),
+            _n(f["pull_seconds"], 2),
+            _n(f["pull_records_per_s"]),
+            _n(f["merge_seconds"], 2),
+            _n(f["merge_records_per_s"]),
+            _n(f["pull_peak_rss_mb"]),
+            _n(f["merge_peak_rss_mb"]),
+        ]
+        for level, f in full["levels"].items()
+    ]
+    out += _grid(
+        [
+            "full load, per level",
+            "records",
+            "pull s",
+            "pull rec/s",
+            "merge s",
+            "merge rec/s",
+            "pull RSS MB",
+            "merge RSS MB",
+        ],
+        level_rows,
+    )
+
+    out.append("")
+    sliced = "; ".join(
+        f"{s['slices']}: {s['seconds']:.1f} s (floor {s['floor_seconds']:.1f} s; machine busy "
+        f"{s['cpu']['machine_busy_cores']:.1f} cores, pulls {s['pull_cpu_seconds']:.1f} CPU s, "
+        f"simulator {s['cpu']['simulator_cpu_seconds']:.1f} CPU s)"
+        for s in r["slices"]
+    )
+    out.append(f"instance pull of the whole window in parallel time slices: {sliced}")
+    fl, tasks_cpu = r["floor"], sum(t["cpu_seconds"] for t in full["tasks"].values())
+    out.append(
+        f"CPU: floor {fl['cpu']['machine_busy_cores']:.1f} cores busy (simulator "
+        f"{fl['cpu']['simulator_cpu_seconds']:.1f} s, fetch+COPY {fl['client_cpu_seconds']:.1f} s); full load "
+        f"{full['cpu']['machine_busy_cores']:.1f} cores busy (simulator {full['cpu']['simulator_cpu_seconds']:.1f} s, "
+        f"task processes {tasks_cpu:.1f} s; PostgreSQL's share is the rest)"
+    )
+    limit = full["b_rate_limit"]
+    out.append(
+        f"B's real limit ({limit['requests_per_s']} requests/s per key, all tasks together): this load is "
+        f"{limit['pages']:,} pages, so at least {limit['min_seconds']:.0f} s "
+        f"({limit['min_seconds_at_1000_per_page']:.0f} s at 1,000 records per page)"
+    )
+    inc = r["incremental"]
+    out.append(
+        f"incremental: prepare to last merge {inc['seconds_to_last_merge']:.1f} s "
+        f"({inc['seconds_to_last_merge'] / full['seconds']:.3f} x full load), report {inc['report_seconds']:.1f} s"
+    )
+    changed = r["incremental"].get("changed", {})
+    if changed:
+        kinds = ", ".join(f"{kind} {sum(v.values()):,}" for kind, v in changed.items())
+        out.append(f"incremental changes made in B: {kinds} (cascades counted at their own level)")
+
+    out.append("")
+    out.append("targets")
+    for t in r["targets"]:
+        value = t["value"]
+        shown = _n(value) if isinstance(value, int) else f"{value:.3f}"
+        out.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {shown} (limit {t['limit']})")
+    return "\n".join(out)

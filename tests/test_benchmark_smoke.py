@@ -1,0 +1,45 @@
+"""A tiny run of the benchmark (``python -m benchmarks``, i.e. ``make bench``), so that it keeps working.
+
+The real harness end to end, as ``make bench`` runs it: simulator, databases, a task process
+per task, every phase, on a few thousand instances (about 20 s). Timings are never asserted:
+the benchmark is not a test. What is asserted is what the harness checks by itself (rows in
+A, rows written by no-change re-syncs) and that it produced its table and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None:
+    args = ["--instances", "4000", "--scale", "8000", "--naive-instances", "2000", "--slice-counts", "1,2",
+            "--results-dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "targets" in proc.stdout and "full load" in proc.stdout
+
+    (saved,) = tmp_path.glob("*.json")
+    r = json.loads(saved.read_text())
+    assert r["catalogue"] == {"instances": 4000, "records": 4500, "subject": 20, "study": 80, "sequence": 400,
+                              "instance": 4000}  # fmt: skip
+    assert r["floor"]["records"] == r["full_load"]["records"] == 4500
+    assert r["full_load"]["rows"]["matches"] and r["incremental"]["rows"]["matches"]
+    assert r["full_load"]["written"]["total_tuples"] == 4500
+    for rerun in ("no_change_window", "no_change_full_refresh"):
+        assert r[rerun]["written"]["total_tuples"] == 0
+        assert r[rerun]["written"]["total_xmin"] == 0
+    assert r["incremental"]["written"]["total_tuples"] > 0
+    assert [s["slices"] for s in r["slices"]] == [1, 2]
+    assert all(s["records"] >= 4000 for s in r["slices"])
+    assert r["naive"]["naive"]["records"] == r["naive"]["sync"]["records"] == 2250
+    assert [s["catalogue"]["instances"] for s in r["scale"]] == [8000]
+    assert {t["target"] for t in r["targets"]} and all(isinstance(t["met"], bool) for t in r["targets"])
+    for task in r["full_load"]["tasks"].values():
+        assert 0 < task["peak_rss_mb"] < 1000

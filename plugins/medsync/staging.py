@@ -46,12 +46,12 @@ class Parser(Protocol):
     def parse(self, level: str, raw: object) -> StagedRecord: ...
 
 
-def staging_table(source: str, level: str, run_id: int) -> sql.Identifier:
-    return sql.Identifier(SCHEMA, f"stage_{source}_{level}_r{run_id}")
-
-
 def staging_table_name(source: str, level: str, run_id: int) -> str:
     return f"stage_{source}_{level}_r{run_id}"
+
+
+def staging_table(source: str, level: str, run_id: int) -> sql.Identifier:
+    return sql.Identifier(SCHEMA, staging_table_name(source, level, run_id))
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from medsync import schema
+from medsync import live_count, schema
 from medsync.config import LEVELS, get_source_config
 from medsync.mapping import load_mapping, parse_mapping
 from medsync.merge import merge_level
@@ -55,9 +55,12 @@ def tomb(rid: str, t: str) -> dict[str, Any]:
 class Sync:
     """Runs pull + merge for every level, one run per call, like the DAG does."""
 
-    def __init__(self, dsn: str, source: str = "b", batch_size: int = 20_000) -> None:
+    def __init__(self, dsn: str, source: str = "b", batch_size: int = 20_000, sessions: int = 1) -> None:
+        self.dsn = dsn
+        self.sessions = sessions
         self.conn = psycopg.connect(dsn, autocommit=True)
         schema.migrate(self.conn)
+        live_count.ensure(self.conn, source, lock_timeout_seconds=5)
         self.source = source
         self.batch_size = batch_size
         self.mapping = load_mapping(get_source_config("b").mapping_path)
@@ -78,10 +81,30 @@ class Sync:
                        commit_rows=3)  # fmt: skip
         for level in LEVELS:
             counts[level] = merge_level(
-                self.conn, source=self.source, level=level, run_id=run, batch_size=self.batch_size
+                self.conn,
+                source=self.source,
+                level=level,
+                run_id=run,
+                batch_size=self.batch_size,
+                sessions=self.sessions,
+                connect=self.connect,
             ).as_dict()
         self.last_counts = counts
+        self.assert_live_counts_kept()
         return counts
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    def assert_live_counts_kept(self) -> None:
+        """Every merge keeps medsync.live_count equal to A's live rows (the report relies on it)."""
+        kept = live_count.read(self.conn, self.source)
+        for level in LEVELS:
+            (live,) = self.conn.execute(
+                f"SELECT count(*) FROM imaging.{level} WHERE source_system = %s AND deleted_at IS NULL",
+                (self.source,),
+            ).fetchone()
+            assert kept[level] == live, f"{level}: kept {kept[level]} live rows, A has {live}"
 
     def rows(self, table: str, *cols: str) -> dict[str, tuple[Any, ...]]:
         query = f"SELECT source_key, {', '.join(cols)} FROM imaging.{table} WHERE source_system = %s"
@@ -95,9 +118,10 @@ class Sync:
         return out
 
 
-@pytest.fixture
-def sync(a_db: str) -> Iterator[Sync]:
-    s = Sync(a_db, batch_size=2)
+@pytest.fixture(params=[1, 3], ids=["1-session", "3-sessions"])
+def sync(a_db: str, request: pytest.FixtureRequest) -> Iterator[Sync]:
+    """Every scenario runs with one merge session and with batches shared out among three."""
+    s = Sync(a_db, batch_size=2, sessions=request.param)
     yield s
     s.conn.close()
 
@@ -114,6 +138,8 @@ def full_tree() -> dict[str, list[dict[str, Any]]]:
 def test_first_load_inserts_every_level_with_mapped_values_and_links(sync: Sync) -> None:
     counts = sync.run(**full_tree())
     assert [counts[level]["inserted"] for level in LEVELS] == [2, 2, 2, 3]
+    # Three instances in batches of two: the second session takes the second batch.
+    assert counts["instance"]["sessions"] == (2 if sync.sessions > 1 else 1)
     subj = sync.rows("subject", "id", "patient_code", "patient_name", "sex", "birth_date::text")
     assert subj["p1"][1:] == ("MRN-p1", "Doe^Jane", "F", "1970-05-06")
     seq = sync.rows("sequence", "modality", "body_part", "laterality", "study_id")
@@ -345,7 +371,7 @@ def test_merge_in_many_small_batches_matches_one_batch(a_db: str, a_template_db:
 
 def test_a_second_merge_of_the_same_source_waits_for_the_lock(sync: Sync, a_db: str) -> None:
     from medsync.errors import MergeError
-    from medsync.merge import source_lock_key
+    from medsync.locks import source_lock_key
     from medsync.schema import MEDSYNC_LOCK_CLASS
 
     sync.run(**full_tree())
@@ -353,3 +379,47 @@ def test_a_second_merge_of_the_same_source_waits_for_the_lock(sync: Sync, a_db: 
         other.execute("SELECT pg_advisory_lock(%s, %s)", (MEDSYNC_LOCK_CLASS, source_lock_key("b")))
         with pytest.raises(MergeError, match="kept merging"):
             merge_level(sync.conn, source="b", level="subject", run_id=1, lock_timeout_seconds=1)
+
+
+def test_a_session_that_fails_stops_the_merge_and_a_rerun_converges(a_db: str) -> None:
+    tree = {
+        "subject": [patient(f"p{i}") for i in range(3)],
+        "study": [study(f"s{i}", f"p{i % 3}") for i in range(5)],
+        "sequence": [series(f"q{i}", f"s{i % 5}") for i in range(7)],
+        "instance": [image(f"i{i}", f"1.3.q{i % 7}") for i in range(41)],
+    }
+    failing = Sync(a_db, batch_size=2, sessions=3)
+
+    def refuse() -> psycopg.Connection:
+        raise psycopg.OperationalError("connection refused (test)")
+
+    failing.connect = refuse  # type: ignore[method-assign]
+    with pytest.raises(psycopg.OperationalError, match="connection refused"):
+        failing.run(**tree)
+    # The batches that committed stay; the tables the merge made for itself do not.
+    left = failing.conn.execute(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'medsync' AND tablename LIKE 'merge%'"
+    ).fetchone()
+    assert left == (0,)
+    again = Sync(a_db, batch_size=2, sessions=3)
+    again.runs = itertools.count(2)
+    again.run(**tree)  # also checks the kept live counts against A
+    assert [len(again.rows(level, "id")) for level in LEVELS] == [3, 5, 7, 41]
+    failing.conn.close()
+    again.conn.close()
+
+
+def test_a_merge_of_a_few_thousand_records_is_shared_among_the_sessions(a_db: str) -> None:
+    tree = {
+        "subject": [patient("p1")],
+        "study": [study("s1", "p1")],
+        "sequence": [series("q1", "s1")],
+        "instance": [image(f"i{i}", "1.3.q1") for i in range(4_100)],
+    }
+    s = Sync(a_db, batch_size=20_000, sessions=2)
+    counts = s.run(**tree)
+    # 4,100 records: two batches of 2,050 (one per session) rather than one batch of 20,000.
+    assert (counts["instance"]["batches"], counts["instance"]["sessions"]) == (2, 2)
+    assert (counts["subject"]["batches"], counts["subject"]["sessions"]) == (1, 1)
+    assert counts["instance"]["inserted"] == 4_100
+    s.conn.close()

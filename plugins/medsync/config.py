@@ -137,6 +137,8 @@ class SourceConfig(_Strict):
     """A pull commits its staging rows this often, so no transaction stays open for a whole window."""
     merge_batch_size: int = Field(default=20_000, ge=1)
     """Records merged per transaction into A's (large, replicated) tables."""
+    merge_sessions: int = Field(default=1, ge=1, le=8)
+    """Database sessions a merge applies its batches over, in parallel (each one a backend of A's database)."""
     instance_slices: int = Field(default=1, ge=1, le=32)
     """The instance pull is split into this many parallel tasks, each a time slice of the window."""
     lock_timeout_seconds: int = Field(default=1800, ge=1)

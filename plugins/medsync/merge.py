@@ -17,27 +17,34 @@ The rules are A's (``a-model.md``):
 
 How it runs: one merge per source at a time (a session advisory lock, waited for up
 to ``lock_timeout``). The staging rows and the level's pending rows are deduplicated
-to the newest version per record into a session-temporary work table, parents are
-resolved once, then the work is applied in batches of ``batch_size`` records, each
-batch one transaction that decides every record against A's *current* rows, so a
-crashed merge re-run converges and never regresses anything.
+to the newest version per record, with its parent resolved, into an unlogged work
+table (``medsync.merge_<source>_<level>_r<run>``, dropped at the end), then the work is
+applied in batches of ``batch_size`` records, each batch one transaction that decides
+every record against A's *current* rows, so a crashed merge re-run converges and never
+regresses anything. Each batch also adds what it changed to the source's live counts
+(``medsync.live_count``), in its transaction. The batches can be shared out among
+several sessions (``sessions``): every key is in one batch only, so they never touch
+the same rows.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from medsync import live_count
 from medsync.errors import MergeError
-from medsync.levels import LevelSpec, spec, staged_columns
-from medsync.schema import A_SCHEMA, MEDSYNC_LOCK_CLASS, SCHEMA
+from medsync.levels import SPECS, LevelSpec, spec, staged_columns
+from medsync.locks import source_lock
+from medsync.schema import A_SCHEMA, SCHEMA
 from medsync.staging import staging_table, staging_table_name
 
 log = logging.getLogger(__name__)
@@ -45,11 +52,9 @@ log = logging.getLogger(__name__)
 _I = sql.Identifier
 
 MERGE_TEMP_BUFFERS = "64MB"
-
-
-def source_lock_key(source: str) -> int:
-    """Advisory lock id of a source's merges (second half of a two-int key; stable everywhere)."""
-    return zlib.crc32(f"merge:{source}".encode()) & 0x7FFFFFFF
+MIN_SHARED_BATCH = 2_000
+BUILD_WORK_MEM = "64MB"
+"""Memory for each sort and hash of the statement that builds a merge's work table (once per merge)."""
 
 
 @dataclass
@@ -65,8 +70,17 @@ class MergeCounts:
     tombstones_only: int = 0
     quarantine_resolved: int = 0
     batches: int = 0
+    sessions: int = 1
     seconds: float = 0.0
     cascaded: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def add(self, other: MergeCounts) -> None:
+        """Adds another session's figures of the same merge (candidates and seconds are the merge's own)."""
+        for name in ("inserted", "updated", "unchanged", "stale", "deleted", "undeleted", "pending",
+                     "tombstones_only", "quarantine_resolved", "batches"):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for level, c in other.cascaded.items():
+            self.cascaded.setdefault(level, Counter()).update(c)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "cascaded"}
@@ -78,8 +92,9 @@ class MergeCounts:
 class _Sql:
     """The statements of one level's merge, composed once with quoted identifiers."""
 
-    def __init__(self, s: LevelSpec, stage: sql.Identifier) -> None:
+    def __init__(self, s: LevelSpec, stage: sql.Identifier, work: sql.Identifier) -> None:
         self.s = s
+        self.stage, self.work = stage, work
         cols = s.column_names
         self.table = _I(A_SCHEMA, s.table)
         staged = ("source_key", "source_updated_at", "deleted", "new_id", *staged_columns(s.level))
@@ -91,46 +106,50 @@ class _Sql:
             pending_part = sql.SQL("UNION ALL SELECT {cols}, true FROM {pending} WHERE source_system = %(src)s").format(
                 cols=staged_list, pending=pending
             )
-        self.build_work = sql.SQL(
+        # The work: the newest version of each record, numbered in key order into batches, with
+        # its parent resolved once for the whole merge (a hash join here; per batch, resolving
+        # parents cost more than deciding against A).
+        dedup = sql.SQL(
             """
-            CREATE TEMP TABLE merge_work AS
-            SELECT d.*, ((row_number() OVER (ORDER BY d.source_key)) - 1) / %(batch)s AS batch
+            SELECT x.*, ((row_number() OVER (ORDER BY x.source_key)) - 1) / %(batch)s AS batch
             FROM (
                 SELECT DISTINCT ON (source_key) *
                 FROM (SELECT {cols}, false AS from_pending FROM {stage} {pending_part}) u
                 ORDER BY source_key, source_updated_at DESC, deleted DESC, from_pending
-            ) d
+            ) x
             """
         ).format(cols=staged_list, stage=stage, pending_part=pending_part)
-
         if s.parent_level:
             parent = spec(s.parent_level)
             lookup = _I(s.parent_lookup)
             # Prefer the live parent when several rows share the lookup value (B's series_uid is
-            # unique among live series only), then the newest.
-            self.build_parents = sql.SQL(
+            # unique among live series only), then the newest. The keys come from the narrow
+            # scans of staging and pending, not from the deduplicated rows (a second pass over them).
+            self.build_work = sql.SQL(
                 """
-                CREATE TEMP TABLE merge_parent AS
-                SELECT DISTINCT ON (p.{lookup}) p.{lookup} AS parent_key, p.id, p.deleted_at
-                FROM {ptable} p
-                WHERE p.source_system = %(src)s
-                  AND p.{lookup} IN (SELECT DISTINCT parent_key FROM merge_work WHERE NOT deleted)
-                ORDER BY p.{lookup}, (p.deleted_at IS NULL) DESC, p.source_updated_at DESC
+                CREATE UNLOGGED TABLE {work} AS
+                SELECT d.*, par.id AS p_id, par.deleted_at AS p_deleted_at
+                FROM ({dedup}) d
+                LEFT JOIN (
+                    SELECT DISTINCT ON (p.{lookup}) p.{lookup} AS parent_key, p.id, p.deleted_at
+                    FROM {ptable} p
+                    WHERE p.source_system = %(src)s
+                      AND p.{lookup} IN (
+                          SELECT parent_key FROM {stage} WHERE NOT deleted
+                          UNION SELECT parent_key FROM {pending} WHERE source_system = %(src)s)
+                    ORDER BY p.{lookup}, (p.deleted_at IS NULL) DESC, p.source_updated_at DESC
+                ) par ON par.parent_key = d.parent_key
                 """
-            ).format(lookup=lookup, ptable=_I(A_SCHEMA, parent.table))
-            # A probe of merge_parent's unique index per record, not a join: a hash join read all of
-            # the merge's parents for every batch, which grows with the square of the load.
-            parent_join = sql.SQL(
-                "LEFT JOIN LATERAL (SELECT p0.id, p0.deleted_at FROM merge_parent p0"
-                " WHERE p0.parent_key = w.parent_key LIMIT 1) p ON true"
+            ).format(
+                work=work, dedup=dedup, lookup=lookup, ptable=_I(A_SCHEMA, parent.table), stage=stage, pending=pending
             )
-            parent_cols = sql.SQL("p.id AS p_id, p.deleted_at AS p_deleted_at, a.{fk} AS a_parent_id").format(
-                fk=_I(s.parent_fk or "")
-            )
+            parent_cols = sql.SQL("a.{fk} AS a_parent_id").format(fk=_I(s.parent_fk or ""))
         else:
-            self.build_parents = None
-            parent_join = sql.SQL("")
-            parent_cols = sql.SQL("NULL::uuid AS p_id, NULL::timestamptz AS p_deleted_at, NULL::uuid AS a_parent_id")
+            self.build_work = sql.SQL(
+                "CREATE UNLOGGED TABLE {work} AS"
+                " SELECT d.*, NULL::uuid AS p_id, NULL::timestamptz AS p_deleted_at FROM ({dedup}) d"
+            ).format(work=work, dedup=dedup)
+            parent_cols = sql.SQL("NULL::uuid AS a_parent_id")
 
         a_cols = sql.SQL(", ").join(sql.SQL("a.{c} AS {ac}").format(c=_I(c), ac=_I(f"a_{c}")) for c in cols)
         # A tombstone carries no content: the row keeps what it had.
@@ -166,7 +185,7 @@ class _Sql:
                            COALESCE(w.source_updated_at < GREATEST(a.source_updated_at, t.source_updated_at),
                                     false) AS stale,
                            w.deleted OR COALESCE(t.source_updated_at >= w.source_updated_at, false) AS own_deleted
-                    FROM merge_work w
+                    FROM {work} w
                     -- One index probe per record, whatever the statistics say: a first load grows A's
                     -- table faster than ANALYZE runs, and a join planned on stale statistics scanned
                     -- the whole table for every batch. (source_system, source_key) is unique, so
@@ -180,7 +199,6 @@ class _Sql:
                         WHERE t0.source_system = %(src)s AND t0.level = %(level)s AND t0.source_key = w.source_key
                         LIMIT 1
                     ) t ON true
-                    {parent_join}
                     WHERE w.batch = %(batch)s
                 ) x
             ) y
@@ -193,7 +211,7 @@ class _Sql:
             a_cols=a_cols,
             parent_cols=parent_cols,
             table=self.table,
-            parent_join=parent_join,
+            work=work,
         )
         self.decide = sql.SQL("INSERT INTO merge_decided {}").format(self.decide_select)
         self.create_decided = sql.SQL("CREATE TEMP TABLE merge_decided AS {} WITH NO DATA").format(self.decide_select)
@@ -237,9 +255,7 @@ class _Sql:
             self.pending_clear = self.pending_keep = None
 
 
-_DROP_WORK_TABLES = (
-    "DROP TABLE IF EXISTS merge_work, merge_parent, merge_decided, merge_flipped, merge_flipped_next, merge_cascade"
-)
+_DROP_SESSION_TABLES = "DROP TABLE IF EXISTS merge_decided, merge_flipped, merge_flipped_next, merge_cascade"
 
 _TOMBSTONES_REMEMBER = """
 INSERT INTO medsync.tombstone AS t (source_system, level, source_key, source_updated_at)
@@ -325,7 +341,7 @@ def _cascade_statements(child: LevelSpec) -> tuple[sql.Composed, sql.Composed]:
     return find, flip
 
 
-def _cascade(conn: psycopg.Connection, source: str, level: str, counts: MergeCounts) -> None:
+def _cascade(conn: psycopg.Connection, source: str, level: str, counts: MergeCounts, live: Counter[str]) -> None:
     child_level = spec(level).child_level
     while child_level is not None:
         if conn.execute("SELECT NOT EXISTS (SELECT 1 FROM merge_flipped)").fetchone() == (True,):
@@ -345,6 +361,7 @@ def _cascade(conn: psycopg.Connection, source: str, level: str, counts: MergeCou
         bucket = counts.cascaded.setdefault(child_level, Counter())
         bucket["deleted"] += deleted
         bucket["undeleted"] += undeleted
+        live[child_level] += undeleted - deleted
         conn.execute("TRUNCATE merge_flipped")
         conn.execute("INSERT INTO merge_flipped SELECT * FROM merge_flipped_next")
         conn.execute("TRUNCATE merge_flipped_next")
@@ -352,20 +369,15 @@ def _cascade(conn: psycopg.Connection, source: str, level: str, counts: MergeCou
     conn.execute("TRUNCATE merge_flipped")
 
 
-def _lock_source(conn: psycopg.Connection, source: str, lock_timeout_seconds: int) -> None:
-    conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_seconds)}s")))
-    try:
-        conn.execute("SELECT pg_advisory_lock(%s, %s)", (MEDSYNC_LOCK_CLASS, source_lock_key(source)))
-    except psycopg.errors.LockNotAvailable:
-        raise MergeError(
-            f"another run of source {source!r} kept merging for over {lock_timeout_seconds}s; this task will be retried"
-        ) from None
-    finally:
-        conn.execute("RESET lock_timeout")
+def work_table(source: str, level: str, run_id: int) -> sql.Identifier:
+    """The merge's scratch table in medsync's schema: the records to decide, with their parents, in batches."""
+    return _I(SCHEMA, f"merge_{source}_{level}_r{run_id}")
 
 
-def _unlock_source(conn: psycopg.Connection, source: str) -> None:
-    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (MEDSYNC_LOCK_CLASS, source_lock_key(source)))
+def drop_work_tables(conn: psycopg.Connection, source: str, run_id: int) -> None:
+    """Drops what a merge of the run left behind (it drops its own tables unless its process died)."""
+    for level in SPECS:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(work_table(source, level, run_id)))
 
 
 def merge_level(
@@ -376,11 +388,16 @@ def merge_level(
     run_id: int,
     batch_size: int = 20_000,
     lock_timeout_seconds: int = 1800,
+    sessions: int = 1,
+    connect: Callable[[], psycopg.Connection] | None = None,
 ) -> MergeCounts:
     """Merges this run's staging table (and the level's pending records) into A.
 
     ``conn`` must be in autocommit mode and used by nothing else meanwhile: the source
-    lock and the temporary work tables belong to its session.
+    lock and the temporary tables belong to its session. With ``sessions`` > 1 and a
+    ``connect`` that opens more such connections, the batches are shared out among that
+    many sessions, each on a thread of its own: a batch holds each record once and the
+    records' keys are unique in the work table, so concurrent batches touch disjoint rows.
     """
     started = time.monotonic()
     s = spec(level)
@@ -393,50 +410,147 @@ def merge_level(
             f"staging table for {source}/{level} of run {run_id} is missing "
             "(the database restarted, or the pull did not run): clear the pull task to re-run it"
         )
-    q = _Sql(s, stage)
+    work = work_table(source, level, run_id)
+    q = _Sql(s, stage, work)
     params: dict[str, Any] = {"src": source, "level": level, "run": run_id}
     counts = MergeCounts()
-    _lock_source(conn, source, lock_timeout_seconds)
-    # The batch statements are many and short: compiling them (JIT) cost more than it saved.
-    conn.execute("SET jit = off")
-    _use_larger_temp_buffers(conn)
-    try:
-        conn.execute(_DROP_WORK_TABLES)
-        pending_rows = s.parent_level is not None and _has_pending_rows(conn, s, source)
-        with conn.transaction():
-            conn.execute(q.build_work, {**params, "batch": batch_size})
-            conn.execute("CREATE INDEX ON merge_work (batch)")
-            conn.execute("ANALYZE merge_work")
-            if q.build_parents is not None:
-                conn.execute(q.build_parents, params)
-                conn.execute("CREATE UNIQUE INDEX ON merge_parent (parent_key)")
-                conn.execute("ANALYZE merge_parent")
-            conn.execute(q.create_decided, {**params, "batch": -1})
-            conn.execute("CREATE TEMP TABLE merge_flipped (id uuid, deleted_at timestamptz)")
-            conn.execute("CREATE TEMP TABLE merge_flipped_next (id uuid, deleted_at timestamptz)")
-            conn.execute("CREATE TEMP TABLE merge_cascade (id uuid, deleted_at timestamptz)")
-        counts.candidates, batches = conn.execute(
-            "SELECT count(*), coalesce(max(batch) + 1, 0) FROM merge_work"
-        ).fetchone() or (0, 0)
-        for batch in range(batches):
+    with source_lock(conn, source, lock_timeout_seconds):
+        try:
+            batches = _build_work(conn, q, params, _rows_per_batch(conn, q, params, batch_size, sessions), counts)
+            extra = min(sessions, batches) - 1 if connect is not None else 0
+            more = [connect] * extra if connect is not None else []
+            _run_batches(conn, q, params, more=more, batches=batches, counts=counts)
             with conn.transaction():
-                _merge_batch(conn, q, {**params, "batch": batch}, counts, pending_rows=pending_rows)
-            counts.batches += 1
-        with conn.transaction():
-            counts.quarantine_resolved += _resolve_superseded_quarantine(conn, s, params)
-    finally:
-        conn.execute(_DROP_WORK_TABLES)
-        conn.execute("RESET jit")
-        _unlock_source(conn, source)
+                counts.quarantine_resolved += _resolve_superseded_quarantine(conn, s, params)
+        finally:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(work))
     counts.seconds = time.monotonic() - started
     log.info(
-        "merged %s: %d candidates in %d batches: %d inserted, %d updated (%d deleted, %d undeleted), "
+        "merged %s: %d candidates in %d batches (%d sessions): %d inserted, %d updated (%d deleted, %d undeleted), "
         "%d unchanged, %d stale, %d pending, %d tombstones of unstored records, cascaded %s in %.1fs",
-        level, counts.candidates, counts.batches, counts.inserted, counts.updated, counts.deleted,
+        level, counts.candidates, counts.batches, counts.sessions, counts.inserted, counts.updated, counts.deleted,
         counts.undeleted, counts.unchanged, counts.stale, counts.pending, counts.tombstones_only,
         {k: dict(v) for k, v in counts.cascaded.items()}, counts.seconds,
     )  # fmt: skip
     return counts
+
+
+def _rows_per_batch(
+    conn: psycopg.Connection, q: _Sql, params: dict[str, Any], batch_size: int, sessions: int
+) -> int:
+    """``batch_size``, or less so that a merge of a few batches' worth still keeps every session busy.
+
+    Counted before deduplication (an upper bound); below ``MIN_SHARED_BATCH`` records a
+    batch is not split, as a session costs more to start than it would save.
+    """
+    if sessions <= 1:
+        return batch_size
+    pending = sql.SQL("")
+    if q.s.parent_level:
+        pending = sql.SQL(" + (SELECT count(*) FROM {} WHERE source_system = %(src)s)").format(
+            _I(SCHEMA, f"pending_{q.s.level}")
+        )
+    row = conn.execute(sql.SQL("SELECT (SELECT count(*) FROM {}){}").format(q.stage, pending), params).fetchone()
+    records = int(row[0]) if row else 0
+    return min(batch_size, max(MIN_SHARED_BATCH, -(-records // sessions)))
+
+
+def _build_work(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], batch_size: int, counts: MergeCounts) -> int:
+    """The work table (deduplicated, parents resolved, numbered in batches); returns the number of batches."""
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(q.work))
+    with conn.transaction():
+        # One statement sorts and hashes the whole load: at the default 4 MB it spilled to disk.
+        conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(BUILD_WORK_MEM)))
+        # Unanalysed staging makes the planner expect ~200 deduplicated records, and a nested
+        # loop over the parents then costs records x parents; the joins here are hash joins.
+        conn.execute("SET LOCAL enable_nestloop = off")
+        conn.execute(q.build_work, {**params, "batch": batch_size})
+        conn.execute(sql.SQL("CREATE INDEX ON {} (batch)").format(q.work))
+        conn.execute(sql.SQL("ANALYZE {}").format(q.work))
+    row = conn.execute(sql.SQL("SELECT count(*), coalesce(max(batch) + 1, 0) FROM {}").format(q.work)).fetchone()
+    counts.candidates, batches = row or (0, 0)
+    return int(batches)
+
+
+def _run_batches(
+    conn: psycopg.Connection,
+    q: _Sql,
+    params: dict[str, Any],
+    *,
+    more: list[Callable[[], psycopg.Connection]],
+    batches: int,
+    counts: MergeCounts,
+) -> None:
+    """Applies every batch, on ``conn`` and on one more session per ``more`` (threads).
+
+    A failed batch stops the others after their current batch; what committed stays (a
+    re-run decides against A's current rows and converges) and the first error is raised.
+    """
+    pending_rows = q.s.parent_level is not None and _has_pending_rows(conn, q.s, params["src"])
+    todo = iter(range(batches))
+    take = threading.Lock()
+    stop = threading.Event()
+    errors: list[Exception] = []
+    per_session = [MergeCounts() for _ in range(1 + len(more))]
+
+    def work(session: psycopg.Connection, mine: MergeCounts) -> None:
+        _open_session(session, q, params)
+        try:
+            while not stop.is_set():
+                with take:
+                    batch = next(todo, None)
+                if batch is None:
+                    return
+                with session.transaction():
+                    _merge_batch(session, q, {**params, "batch": batch}, mine, pending_rows=pending_rows)
+                mine.batches += 1
+        finally:
+            _close_session(session)
+
+    def work_elsewhere(connect: Callable[[], psycopg.Connection], mine: MergeCounts) -> None:
+        try:
+            with connect() as session:
+                work(session, mine)
+        except Exception as exc:  # noqa: BLE001  (handed to the calling thread, which raises it)
+            errors.append(exc)
+            stop.set()
+
+    threads = [
+        threading.Thread(target=work_elsewhere, args=(c, mine), name=f"merge-{q.s.level}-{i + 1}", daemon=True)
+        for i, (c, mine) in enumerate(zip(more, per_session[1:], strict=True))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        work(conn, per_session[0])
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        for mine in per_session:
+            counts.add(mine)
+        counts.sessions = len(per_session)
+    if errors:
+        raise errors[0]
+
+
+def _open_session(conn: psycopg.Connection, q: _Sql, params: dict[str, Any]) -> None:
+    """Session settings and the per-batch temporary tables of one merge session."""
+    # The batch statements are many and short: compiling them (JIT) cost more than it saved.
+    conn.execute("SET jit = off")
+    _use_larger_temp_buffers(conn)
+    conn.execute(_DROP_SESSION_TABLES)
+    with conn.transaction():
+        conn.execute(q.create_decided, {**params, "batch": -1})
+        conn.execute("CREATE TEMP TABLE merge_flipped (id uuid, deleted_at timestamptz)")
+        conn.execute("CREATE TEMP TABLE merge_flipped_next (id uuid, deleted_at timestamptz)")
+        conn.execute("CREATE TEMP TABLE merge_cascade (id uuid, deleted_at timestamptz)")
+
+
+def _close_session(conn: psycopg.Connection) -> None:
+    if not conn.closed:
+        conn.execute(_DROP_SESSION_TABLES)
+        conn.execute("RESET jit")
 
 
 def _merge_batch(
@@ -451,14 +565,18 @@ def _merge_batch(
     conn.execute("TRUNCATE merge_decided")
     conn.execute(q.decide, params)
     batch: Counter[str] = Counter()
+    live: Counter[str] = Counter()  # the change of A's live rows, per level (medsync.live_count)
+    level = q.s.level
     remember = forget = flipped = 0
     for action, n, became_deleted, came_back, own_deleted, tombstoned in conn.execute(_COUNT_ACTIONS):
         batch[action] += n
         if action == "insert":
             counts.deleted += became_deleted
+            live[level] += n - became_deleted
         elif action == "update":
             counts.deleted += became_deleted
             counts.undeleted += came_back
+            live[level] += came_back - became_deleted
             flipped += became_deleted + came_back
         if action != "stale":
             remember += own_deleted
@@ -486,7 +604,8 @@ def _merge_batch(
     counts.quarantine_resolved += cur.rowcount
     if flipped:
         conn.execute(_FLIPPED_FROM_BATCH)
-        _cascade(conn, params["src"], q.s.level, counts)
+        _cascade(conn, params["src"], level, counts, live)
+    live_count.add(conn, params["src"], live)
 
 
 def _use_larger_temp_buffers(conn: psycopg.Connection) -> None:

@@ -3,25 +3,33 @@
 Per level: pulled, inserted, updated, unchanged, deleted (own tombstones and deletes
 flowing down from parents), quarantined (open entries), pending, A's live rows, the
 source's live count (``/counts``, taken now) and the difference. For a window run the
-difference also holds whatever the source changed outside the window. After a full
-refresh, a difference that open quarantine, pending records, rows A keeps deleted
+difference also holds whatever the source changed outside the window.
+
+A's live rows come from ``medsync.live_count``, which the merges keep, so a window run's
+report costs what the run changed. A full refresh counts A's rows exactly instead (a
+scan of each table), keeps that count, shows any drift of the kept one, and fails when a
+difference is not explained by open quarantine, pending records, rows A keeps deleted
 because their parent is deleted (a-model.md) and changes the source made after the
-window's end do not explain fails the run.
+window's end.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 
+from medsync import live_count
 from medsync.config import LEVELS
 from medsync.errors import ReconciliationError
 from medsync.levels import spec
-from medsync.schema import A_SCHEMA, SCHEMA
+from medsync.schema import SCHEMA
 from medsync.windows import FULL_REFRESH
+
+log = logging.getLogger(__name__)
 
 COLUMNS = (
     "pulled", "inserted", "updated", "unchanged", "deleted", "quarantined", "pending",
@@ -47,7 +55,10 @@ def build_report(
     resources: dict[str, str],
     source: str,
     run_id: int,
+    *,
+    lock_timeout_seconds: int = 1800,
 ) -> dict[str, Any]:
+    """The run's figures per level; ``lock_timeout_seconds`` bounds the wait for an exact count."""
     run = conn.execute("SELECT run_type, started_at FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
     if run is None:
         raise ReconciliationError(f"run {run_id} is unknown")
@@ -61,26 +72,27 @@ def build_report(
     for _, _, _, _, merge_counts in rows:
         for child, c in (merge_counts.get("cascaded") or {}).items():
             cascaded[child] = cascaded.get(child, 0) + int(c.get("deleted", 0))
+    exact: dict[str, live_count.ExactCount] = {}
+    kept = live_count.read(conn, source)
+    missing = tuple(level for level in LEVELS if level not in kept)
+    if kind == FULL_REFRESH or missing:
+        exact = live_count.recount(
+            conn, source, lock_timeout_seconds=lock_timeout_seconds, levels=LEVELS if kind == FULL_REFRESH else missing
+        )
+        kept.update({level: e.live for level, e in exact.items()})
+        for level, e in exact.items():
+            if e.drift:
+                log.warning(
+                    "%s: the kept count of A's live rows was %d, A has %d (rows changed outside medsync?); "
+                    "counted again",
+                    level, e.kept, e.live,
+                )  # fmt: skip
     source_counts = client.counts()
     levels: dict[str, Any] = {}
     for level in LEVELS:
         if level not in by_level:
             continue
         _, since, until, pull_counts, merge_counts = by_level[level]
-        table = sql.Identifier(A_SCHEMA, spec(level).table)
-        a_live = conn.execute(
-            sql.SQL("SELECT count(*) FROM {} WHERE source_system = %s AND deleted_at IS NULL").format(table),
-            (source,),
-        ).fetchone()
-        # Live in the source but deleted in A because a parent is: A's rule, not a loss.
-        under_deleted_parent = conn.execute(
-            sql.SQL(
-                "SELECT count(*) FROM {} a WHERE a.source_system = %s AND a.deleted_at IS NOT NULL"
-                " AND NOT EXISTS (SELECT 1 FROM medsync.tombstone t WHERE t.source_system = a.source_system"
-                " AND t.level = %s AND t.source_key = a.source_key)"
-            ).format(table),
-            (source, level),
-        ).fetchone()
         quarantined = conn.execute(
             "SELECT count(*) FROM medsync.quarantine WHERE source_system = %s AND level = %s AND resolved_at IS NULL",
             (source, level),
@@ -94,7 +106,7 @@ def build_report(
                 (source,),
             ).fetchone()
         source_live = int(source_counts[resources[level]])
-        a_live_n = int(a_live[0]) if a_live else 0
+        a_live_n = kept[level]
         levels[level] = {
             "window": [since.isoformat(), until.isoformat()],
             "pulled": _sum_slices(pull_counts, "records"),
@@ -107,11 +119,14 @@ def build_report(
             "deleted": int(merge_counts.get("deleted", 0)) + cascaded.get(level, 0),
             "quarantined": int(quarantined[0]) if quarantined else 0,
             "pending": int(pending[0]) if pending else 0,
-            "deleted_with_parent": int(under_deleted_parent[0]) if under_deleted_parent else 0,
             "a_live": a_live_n,
             "source_live": source_live,
             "difference": a_live_n - source_live,
         }
+        if level in exact:
+            # Live in the source but deleted in A because a parent is: A's rule, not a loss.
+            levels[level]["deleted_with_parent"] = exact[level].deleted_with_parent
+            levels[level]["live_count_drift"] = exact[level].drift
     if kind == FULL_REFRESH:
         now = datetime.now(UTC)
         for level, figures in levels.items():

@@ -65,7 +65,7 @@ def record_parser(cfg: SourceConfig, variable: Callable[[str], str | None] = get
 
 def prepare(source: str, *, dag_run_id: str, facts: RunFacts) -> dict[str, Any]:
     """Migrates medsync's schema, checks A's tables and the mapping, registers the run, plans windows."""
-    from medsync import schema, staging
+    from medsync import live_count, merge, schema, staging
 
     cfg = get_source_config(source)
     mapping = load_mapping(cfg.mapping_path)
@@ -75,6 +75,7 @@ def prepare(source: str, *, dag_run_id: str, facts: RunFacts) -> dict[str, Any]:
         schema.migrate(conn)
         schema.check_a_tables(conn)
         schema.check_mapping(conn, mapping)
+        live_count.ensure(conn, source, lock_timeout_seconds=cfg.lock_timeout_seconds)
         with conn.transaction():
             row = conn.execute(
                 "INSERT INTO medsync.sync_run (source_system, dag_run_id, run_type) VALUES (%s, %s, %s)"
@@ -108,6 +109,7 @@ def prepare(source: str, *, dag_run_id: str, facts: RunFacts) -> dict[str, Any]:
         ).fetchall()
         for (old_run,) in stale_runs:
             staging.drop_staging_tables(conn, source, old_run)
+            merge.drop_work_tables(conn, source, old_run)
     log.info("run %d of %s (%s): windows %s", run_id, source, kind, windows)
     return {"run_id": run_id, "kind": kind, "windows": windows}
 
@@ -164,6 +166,8 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
             run_id=run_id,
             batch_size=cfg.merge_batch_size,
             lock_timeout_seconds=cfg.lock_timeout_seconds,
+            sessions=cfg.merge_sessions,
+            connect=lambda: connect_a(cfg),
         ).as_dict()
         conn.execute(
             "UPDATE medsync.sync_run_level SET merge_counts = %s WHERE run_id = %s AND level = %s",
@@ -180,7 +184,14 @@ def report(source: str, run_id: int) -> dict[str, Any]:
     cfg = get_source_config(source)
     client = source_client(cfg)
     with connect_a(cfg) as conn:
-        result = build_report(conn, client, get_protocol(cfg.protocol).RESOURCES, source, run_id)
+        result = build_report(
+            conn,
+            client,
+            get_protocol(cfg.protocol).RESOURCES,
+            source,
+            run_id,
+            lock_timeout_seconds=cfg.lock_timeout_seconds,
+        )
         # check_files already put its figures under "files"; keep them beside the levels.
         row = conn.execute(
             "UPDATE medsync.sync_run SET report = coalesce(report, '{}'::jsonb) || %s WHERE id = %s RETURNING report",
@@ -195,7 +206,7 @@ def report(source: str, run_id: int) -> dict[str, Any]:
 
 def finish(source: str, run_id: int) -> dict[str, Any]:
     """Marks the run succeeded, advances the watermarks it may advance, drops its staging tables."""
-    from medsync import staging
+    from medsync import merge, staging
 
     cfg = get_source_config(source)
     with connect_a(cfg) as conn:
@@ -217,6 +228,7 @@ def finish(source: str, run_id: int) -> dict[str, Any]:
                 "UPDATE medsync.sync_run SET status = 'succeeded', finished_at = now() WHERE id = %s", (run_id,)
             )
         staging.drop_staging_tables(conn, source, run_id)
+        merge.drop_work_tables(conn, source, run_id)
     return {"run_id": run_id, "watermark_advanced": advanced}
 
 

@@ -417,8 +417,7 @@ def merge_level(
     with source_lock(conn, source, lock_timeout_seconds):
         try:
             batches = _build_work(conn, q, params, _rows_per_batch(conn, q, params, batch_size, sessions), counts)
-            extra = min(sessions, batches) - 1 if connect is not None else 0
-            more = [connect] * extra if connect is not None else []
+            more = [connect] * (min(sessions, batches) - 1) if connect is not None else []
             _run_batches(conn, q, params, more=more, batches=batches, counts=counts)
             with conn.transaction():
                 counts.quarantine_resolved += _resolve_superseded_quarantine(conn, s, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,8 @@ def render(r: dict[str, Any]) -> str:
             _n(f["pull_records_per_s"]),
             _n(f["merge_seconds"], 2),
             _n(f["merge_records_per_s"]),
+            _n(f["merge_build_seconds"], 2),
+            _n(f["merge_write_seconds"], 2),
             _n(f["pull_peak_rss_mb"]),
             _n(f["merge_peak_rss_mb"]),
         ]
@@ -84,6 +87,8 @@ def render(r: dict[str, Any]) -> str:
             "pull rec/s",
             "merge s",
             "merge rec/s",
+            "work table s",
+            "writing A session-s",
             "pull RSS MB",
             "merge RSS MB",
         ],
@@ -105,6 +110,11 @@ def render(r: dict[str, Any]) -> str:
         f"{full['cpu']['machine_busy_cores']:.1f} cores busy (simulator {full['cpu']['simulator_cpu_seconds']:.1f} s, "
         f"task processes {tasks_cpu:.1f} s; PostgreSQL's share is the rest)"
     )
+    pairs = r.get("pairs", [])
+    if len(pairs) > 1:
+        each = ", ".join(f"{p['full_load_seconds']:.1f} / {p['floor_seconds']:.1f} s = {p['ratio']:.2f}" for p in pairs)
+        median = statistics.median(p["ratio"] for p in pairs)
+        out.append(f"full load / floor, {len(pairs)} pairs each into a fresh A: {each} (median {median:.2f})")
     limit = full["b_rate_limit"]
     out.append(
         f"B's real limit ({limit['requests_per_s']} requests/s per key, all tasks together): this load is "

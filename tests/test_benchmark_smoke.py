@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None:
     args = ["--instances", "4000", "--scale", "8000", "--naive-instances", "2000", "--slice-counts", "1,2",
-            "--results-dir", str(tmp_path)]  # fmt: skip
+            "--pairs", "2", "--results-dir", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
@@ -36,6 +36,10 @@ def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None
         assert r[rerun]["written"]["total_tuples"] == 0
         assert r[rerun]["written"]["total_xmin"] == 0
     assert r["incremental"]["written"]["total_tuples"] > 0
+    assert len(r["pairs"]) == 2 and r["pairs"][0]["full_load_seconds"] == r["full_load"]["seconds"]
+    assert all(p["ratio"] == p["full_load_seconds"] / p["floor_seconds"] for p in r["pairs"])
+    for level in r["full_load"]["levels"].values():
+        assert level["merge_build_seconds"] > 0 and level["merge_write_seconds"] > 0
     assert [s["slices"] for s in r["slices"]] == [1, 2]
     assert all(s["records"] >= 4000 for s in r["slices"])
     assert r["naive"]["naive"]["records"] == r["naive"]["sync"]["records"] == 2250
@@ -43,3 +47,13 @@ def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None
     assert {t["target"] for t in r["targets"]} and all(isinstance(t["met"], bool) for t in r["targets"])
     for task in r["full_load"]["tasks"].values():
         assert 0 < task["peak_rss_mb"] < 1000
+
+
+def test_a_insert_measures_every_case_on_a_few_rows() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.a_insert", "2000"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.endswith("rows/s")]
+    assert len(lines) == 5 and "as A's table is" in lines[0]

@@ -140,6 +140,8 @@ def test_first_load_inserts_every_level_with_mapped_values_and_links(sync: Sync)
     assert [counts[level]["inserted"] for level in LEVELS] == [2, 2, 2, 3]
     # Three instances in batches of two: the second session takes the second batch.
     assert counts["instance"]["sessions"] == (2 if sync.sessions > 1 else 1)
+    # The phase timers that the log line and the benchmark show: every level built and wrote.
+    assert all(counts[level]["build_seconds"] > 0 and counts[level]["write_seconds"] > 0 for level in LEVELS)
     subj = sync.rows("subject", "id", "patient_code", "patient_name", "sex", "birth_date::text")
     assert subj["p1"][1:] == ("MRN-p1", "Doe^Jane", "F", "1970-05-06")
     seq = sync.rows("sequence", "modality", "body_part", "laterality", "study_id")
@@ -160,6 +162,7 @@ def test_rerun_with_nothing_new_rewrites_no_row(sync: Sync) -> None:
     counts = sync.run(**full_tree())
     assert sync.versions() == before
     assert all(counts[level]["inserted"] == counts[level]["updated"] == 0 for level in LEVELS)
+    assert all(counts[level]["write_seconds"] == 0 for level in LEVELS)  # no write statement ran
     assert counts["instance"]["unchanged"] == 3
 
 

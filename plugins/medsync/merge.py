@@ -72,19 +72,24 @@ class MergeCounts:
     batches: int = 0
     sessions: int = 1
     seconds: float = 0.0
+    build_seconds: float = 0.0
+    """From the start to the first batch: mostly building the work table (dedupe, parents, batches)."""
+    write_seconds: float = 0.0
+    """Inserting and updating A's rows of the level, summed over sessions (the bulk of a large merge)."""
     cascaded: dict[str, Counter[str]] = field(default_factory=dict)
 
     def add(self, other: MergeCounts) -> None:
         """Adds another session's figures of the same merge (candidates and seconds are the merge's own)."""
         for name in ("inserted", "updated", "unchanged", "stale", "deleted", "undeleted", "pending",
-                     "tombstones_only", "quarantine_resolved", "batches"):  # fmt: skip
+                     "tombstones_only", "quarantine_resolved", "batches", "write_seconds"):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for level, c in other.cascaded.items():
             self.cascaded.setdefault(level, Counter()).update(c)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "cascaded"}
-        out["seconds"] = round(self.seconds, 3)
+        for name in ("seconds", "build_seconds", "write_seconds"):
+            out[name] = round(getattr(self, name), 3)
         out["cascaded"] = {level: dict(c) for level, c in self.cascaded.items()}
         return out
 
@@ -417,6 +422,7 @@ def merge_level(
     with source_lock(conn, source, lock_timeout_seconds):
         try:
             batches = _build_work(conn, q, params, _rows_per_batch(conn, q, params, batch_size, sessions), counts)
+            counts.build_seconds = time.monotonic() - started
             more = [connect] * (min(sessions, batches) - 1) if connect is not None else []
             _run_batches(conn, q, params, more=more, batches=batches, counts=counts)
             with conn.transaction():
@@ -426,10 +432,11 @@ def merge_level(
     counts.seconds = time.monotonic() - started
     log.info(
         "merged %s: %d candidates in %d batches (%d sessions): %d inserted, %d updated (%d deleted, %d undeleted), "
-        "%d unchanged, %d stale, %d pending, %d tombstones of unstored records, cascaded %s in %.1fs",
+        "%d unchanged, %d stale, %d pending, %d tombstones of unstored records, cascaded %s in %.1fs "
+        "(work table %.1fs, writing A's rows %.1f session-s)",
         level, counts.candidates, counts.batches, counts.sessions, counts.inserted, counts.updated, counts.deleted,
         counts.undeleted, counts.unchanged, counts.stale, counts.pending, counts.tombstones_only,
-        {k: dict(v) for k, v in counts.cascaded.items()}, counts.seconds,
+        {k: dict(v) for k, v in counts.cascaded.items()}, counts.seconds, counts.build_seconds, counts.write_seconds,
     )  # fmt: skip
     return counts
 
@@ -586,10 +593,8 @@ def _merge_batch(
     counts.stale += batch["stale"]
     counts.pending += batch["pending"]
     counts.tombstones_only += batch["tombstone_only"]
-    if batch["insert"]:
-        conn.execute(q.insert, params)
-    if batch["update"]:
-        conn.execute(q.update, params)
+    if batch["insert"] or batch["update"]:
+        counts.write_seconds += _write_rows(conn, q, params, insert=batch["insert"] > 0, update=batch["update"] > 0)
     if remember:
         conn.execute(_TOMBSTONES_REMEMBER, params)
     if forget:
@@ -619,6 +624,16 @@ def _use_larger_temp_buffers(conn: psycopg.Connection) -> None:
     except psycopg.errors.InvalidParameterValue:
         # This session used temporary tables already; the setting is fixed for its lifetime.
         log.debug("temp_buffers left as they are: the session used temporary tables before the merge")
+
+
+def _write_rows(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], *, insert: bool, update: bool) -> float:
+    """Inserts and updates the batch's rows in A's table; returns the seconds it took (``write_seconds``)."""
+    started = time.monotonic()
+    if insert:
+        conn.execute(q.insert, params)
+    if update:
+        conn.execute(q.update, params)
+    return time.monotonic() - started
 
 
 def _has_pending_rows(conn: psycopg.Connection, s: LevelSpec, source: str) -> bool:

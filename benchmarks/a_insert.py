@@ -1,0 +1,98 @@
+"""What inserting N instances into A's table costs, and which of its constraints the cost is.
+
+``python -m benchmarks.a_insert [N]`` (default 1,000,000): in a fresh database holding A's
+tables (``include/sql/a_schema.sql``) and N/10 sequences, INSERTs N instance rows, shaped
+like the benchmark's, from an unlogged table into ``imaging.instance`` in one statement; then
+again without the FK check (``session_replication_role = replica``: superuser, measurement
+only), without the FK index, without the unique key. It is the floor under any merge into A's
+table as it is: docs/benchmarks.md, "What bounds them", cites it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psycopg
+
+from tests.conftest import A_SCHEMA, create_database, drop_database, dsn_for
+
+PARENTS = """
+INSERT INTO imaging.subject (id, source_system, source_key, patient_code, source_updated_at)
+SELECT ('01900000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, 'b', 'pat_' || lpad(i::text, 12, '0'),
+       'mrn' || i, now()
+FROM generate_series(1, %(subjects)s) i;
+INSERT INTO imaging.study (id, subject_id, source_system, source_key, study_uid, status, source_updated_at)
+SELECT ('01910000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
+       ('01900000-0000-7000-8000-' || lpad(to_hex(1 + (i - 1) / 4), 12, '0'))::uuid,
+       'b', 'stu_' || lpad(i::text, 12, '0'), '1.2.826.0.1.3680043.8.498.1' || lpad(i::text, 12, '0'),
+       'COMPLETED', now()
+FROM generate_series(1, %(studies)s) i;
+INSERT INTO imaging.sequence (id, study_id, source_system, source_key, series_uid, modality, source_updated_at)
+SELECT ('01920000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
+       ('01910000-0000-7000-8000-' || lpad(to_hex(1 + (i - 1) / 5), 12, '0'))::uuid,
+       'b', 'ser_' || lpad(i::text, 12, '0'), '1.2.826.0.1.3680043.8.498.2' || lpad(i::text, 12, '0'), 'MR', now()
+FROM generate_series(1, %(sequences)s) i;
+CREATE UNLOGGED TABLE rows_to_insert AS
+SELECT ('01930000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid AS id,
+       ('01920000-0000-7000-8000-' || lpad(to_hex(1 + (i - 1) / 10), 12, '0'))::uuid AS sequence_id,
+       'b'::text AS source_system, 'img_' || lpad(i::text, 12, '0') AS source_key,
+       '1.2.826.0.1.3680043.8.498.4' || lpad(i::text, 12, '0') AS sop_instance_uid, i %% 10 AS instance_number,
+       'b-imaging-bench'::text AS storage_bucket,
+       '2026/02/03/stu_000000012345/ser_000000067890/img_' || lpad(i::text, 12, '0') || '.dcm' AS storage_key,
+       (500000 + i %% 1000)::bigint AS size_bytes, 'application/dicom'::text AS content_type,
+       now() AS source_updated_at, now() AS created_at, now() AS updated_at
+FROM generate_series(1, %(instances)s) i;
+VACUUM ANALYZE rows_to_insert;
+"""
+
+INSERT = "INSERT INTO imaging.instance ({cols}) SELECT {cols} FROM rows_to_insert"
+COLUMNS = (
+    "id, sequence_id, source_system, source_key, sop_instance_uid, instance_number, storage_bucket, storage_key,"
+    " size_bytes, content_type, source_updated_at, created_at, updated_at"
+)
+
+# (label, statement run before the insert, DDL applied for this and every later case)
+CASES: tuple[tuple[str, str | None, str | None], ...] = (
+    ("as A's table is", None, None),
+    ("without the FK check", "SET session_replication_role = replica", None),
+    ("without the FK index", None, "DROP INDEX imaging.instance_sequence_id_idx"),
+    ("without the FK index and the unique key", None,
+     "ALTER TABLE imaging.instance DROP CONSTRAINT instance_source_system_source_key_key"),
+    ("without all three (primary key only)", "SET session_replication_role = replica", None),
+)  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    instances = int(argv[0]) if argv else 1_000_000
+    sequences = max(1, instances // 10)
+    name = f"medsync_bench_{os.getpid()}_a_insert"
+    create_database(name)
+    try:
+        with psycopg.connect(dsn_for(name), autocommit=True) as conn:
+            conn.execute(A_SCHEMA.read_text())
+            sizes = {"instances": instances, "sequences": sequences}
+            sizes |= {"studies": max(1, sequences // 5), "subjects": max(1, sequences // 20)}
+            for statement in filter(str.strip, PARENTS.split(";\n")):
+                conn.execute(statement, sizes)
+            print(f"{instances:,} instances into imaging.instance (one statement), {sequences:,} sequences")
+            for label, before, ddl in CASES:
+                if ddl:
+                    conn.execute(ddl)
+                conn.execute("TRUNCATE imaging.instance")
+                conn.execute("CHECKPOINT")
+                began = time.perf_counter()
+                with conn.transaction():
+                    if before:
+                        conn.execute(f"SET LOCAL {before.removeprefix('SET ')}")
+                    conn.execute(INSERT.format(cols=COLUMNS))
+                seconds = time.perf_counter() - began
+                print(f"  {label:<42} {seconds:6.1f} s  {instances / seconds:>9,.0f} rows/s")
+    finally:
+        drop_database(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -160,17 +160,19 @@ class CpuProbe:
         return cls(busy, total, process_cpu_seconds(simulator_pid), simulator_pid)
 
     def since(self) -> dict[str, float]:
-        """Share of the machine's CPU that was busy, in cores, and the simulator's CPU seconds, since ``take``."""
+        """Since ``take``: the machine's busy share in cores, its CPU work in core-seconds, the simulator's CPU s."""
         busy, total = _machine_cpu()
         cores = os.cpu_count() or 1
         return {
             "machine_busy_cores": (busy - self.busy) / (total - self.total) * cores if total > self.total else 0.0,
+            "machine_cpu_seconds": (busy - self.busy) / os.sysconf("SC_CLK_TCK"),
             "simulator_cpu_seconds": process_cpu_seconds(self.simulator_pid) - self.simulator,
         }
 
 
 def _machine_cpu() -> tuple[float, float]:
+    """Busy and total ticks of all cores. Steal (the hypervisor's other guests) is neither work of ours nor idle."""
     with open("/proc/stat", encoding="ascii") as stat:
-        values = [int(v) for v in stat.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return float(sum(values) - idle), float(sum(values))
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in stat.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq
+    return float(busy), float(busy + idle + iowait + steal)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,10 +109,17 @@ def render(r: dict[str, Any]) -> str:
         f"{full['cpu']['machine_busy_cores']:.1f} cores busy (simulator {full['cpu']['simulator_cpu_seconds']:.1f} s, "
         f"task processes {tasks_cpu:.1f} s; PostgreSQL's share is the rest)"
     )
+    work = full["cpu"].get("machine_cpu_seconds")
+    if work:
+        cores = r["machine"]["cpus"]
+        out.append(
+            f"CPU work of the full load: {work:.0f} core-s, so at least {work / cores:.1f} s on {cores} cores"
+            f" even if no core ever waited: {work / cores / fl['seconds']:.2f}x the floor"
+        )
     pairs = r.get("pairs", [])
     if len(pairs) > 1:
         each = ", ".join(f"{p['full_load_seconds']:.1f} / {p['floor_seconds']:.1f} s = {p['ratio']:.2f}" for p in pairs)
-        median = statistics.median(p["ratio"] for p in pairs)
+        median = r["pairs_median_ratio"]
         out.append(f"full load / floor, {len(pairs)} pairs each into a fresh A: {each} (median {median:.2f})")
     limit = full["b_rate_limit"]
     out.append(

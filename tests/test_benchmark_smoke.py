@@ -40,6 +40,7 @@ def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None
     assert all(p["ratio"] == p["full_load_seconds"] / p["floor_seconds"] for p in r["pairs"])
     for level in r["full_load"]["levels"].values():
         assert level["merge_build_seconds"] > 0 and level["merge_write_seconds"] > 0
+    assert r["full_load"]["cpu"]["machine_cpu_seconds"] > 0
     assert [s["slices"] for s in r["slices"]] == [1, 2]
     assert all(s["records"] >= 4000 for s in r["slices"])
     assert r["naive"]["naive"]["records"] == r["naive"]["sync"]["records"] == 2250

@@ -89,7 +89,7 @@ class MergeCounts:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "cascaded"}
         for name in ("seconds", "build_seconds", "write_seconds"):
-            out[name] = round(getattr(self, name), 3)
+            out[name] = round(getattr(self, name), 6)  # a small level's writes take well under a millisecond
         out["cascaded"] = {level: dict(c) for level, c in self.cascaded.items()}
         return out
 

@@ -29,6 +29,7 @@ the same rows.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -104,7 +105,7 @@ class _Sql:
         self.table = _I(A_SCHEMA, s.table)
         staged = ("source_key", "source_updated_at", "deleted", "new_id", *staged_columns(s.level))
         staged_list = sql.SQL(", ").join(map(_I, staged))
-        pending = _I(SCHEMA, f"pending_{s.level}")
+        self.pending = pending = _I(SCHEMA, f"pending_{s.level}")
 
         pending_part = sql.SQL("")
         if s.parent_level:
@@ -303,6 +304,7 @@ WHERE action = 'update' AND (a_deleted_at IS NULL) <> (n_deleted_at IS NULL)
 """
 
 
+@functools.cache  # composed once per level, like the batch statements, not for every batch that flips rows
 def _cascade_statements(child: LevelSpec) -> tuple[sql.Composed, sql.Composed]:
     """Finding, then flipping, the children of the rows in ``merge_flipped`` (one level down).
 
@@ -453,9 +455,7 @@ def _rows_per_batch(
         return batch_size
     pending = sql.SQL("")
     if q.s.parent_level:
-        pending = sql.SQL(" + (SELECT count(*) FROM {} WHERE source_system = %(src)s)").format(
-            _I(SCHEMA, f"pending_{q.s.level}")
-        )
+        pending = sql.SQL(" + (SELECT count(*) FROM {} WHERE source_system = %(src)s)").format(q.pending)
     row = conn.execute(sql.SQL("SELECT (SELECT count(*) FROM {}){}").format(q.stage, pending), params).fetchone()
     records = int(row[0]) if row else 0
     return min(batch_size, max(MIN_SHARED_BATCH, -(-records // sessions)))
@@ -492,7 +492,7 @@ def _run_batches(
     A failed batch stops the others after their current batch; what committed stays (a
     re-run decides against A's current rows and converges) and the first error is raised.
     """
-    pending_rows = q.s.parent_level is not None and _has_pending_rows(conn, q.s, params["src"])
+    pending_rows = q.s.parent_level is not None and _has_pending_rows(conn, q, params["src"])
     todo = iter(range(batches))
     take = threading.Lock()
     stop = threading.Event()
@@ -636,9 +636,9 @@ def _write_rows(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], *, in
     return time.monotonic() - started
 
 
-def _has_pending_rows(conn: psycopg.Connection, s: LevelSpec, source: str) -> bool:
+def _has_pending_rows(conn: psycopg.Connection, q: _Sql, source: str) -> bool:
     row = conn.execute(
-        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE source_system = %s)").format(_I(SCHEMA, f"pending_{s.level}")),
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE source_system = %s)").format(q.pending),
         (source,),
     ).fetchone()
     return row == (True,)

@@ -2,19 +2,23 @@
 
 ``python -m benchmarks.a_insert [N]`` (default 1,000,000): in a fresh database holding A's
 tables (``include/sql/a_schema.sql``) and N/10 sequences, INSERTs N instance rows, shaped
-like the benchmark's, from an unlogged table into ``imaging.instance`` in one statement; then
-again without the FK check (``session_replication_role = replica``: superuser, measurement
-only), without the FK index, without the unique key. It is the floor under any merge into A's
-table as it is: docs/benchmarks.md, "What bounds them", cites it.
+like the benchmark's, from an unlogged table into ``imaging.instance``: over the merge's
+sessions at once (each a contiguous key range, as the merge's batches are), then in one
+statement as the table is, without the FK check (``session_replication_role = replica``:
+superuser, measurement only), without the FK index, without the unique key. It is the
+floor under any merge into A's table as it is: ``make bench`` runs the first case as its
+"A's bare insert" phase, and docs/benchmarks.md, "What bounds them", cites the others.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import psycopg
+from psycopg import sql
 
 from tests.conftest import A_SCHEMA, create_database, drop_database, dsn_for
 
@@ -55,7 +59,7 @@ COLUMNS = (
 
 # (label, statement run before the insert, DDL applied for this and every later case)
 CASES: tuple[tuple[str, str | None, str | None], ...] = (
-    ("as A's table is", None, None),
+    ("as it is, in one statement", None, None),
     ("without the FK check", "SET session_replication_role = replica", None),
     ("without the FK index", None, "DROP INDEX imaging.instance_sequence_id_idx"),
     ("without the FK index and the unique key", None,
@@ -64,19 +68,81 @@ CASES: tuple[tuple[str, str | None, str | None], ...] = (
 )  # fmt: skip
 
 
+SPLIT = "CREATE UNLOGGED TABLE {} AS SELECT * FROM rows_to_insert WHERE source_key > {} AND source_key <= {}"
+
+
+def load_rows(conn: psycopg.Connection, instances: int) -> None:
+    """A's parents of ``instances`` instances, and the instance rows to insert (``rows_to_insert``)."""
+    sequences = max(1, instances // 10)
+    sizes = {"instances": instances, "sequences": sequences}
+    sizes |= {"studies": max(1, sequences // 5), "subjects": max(1, sequences // 20)}
+    for statement in filter(str.strip, PARENTS.split(";\n")):
+        conn.execute(statement, sizes)
+
+
+def insert_in_sessions(dsn: str, instances: int, sessions: int) -> float:
+    """Seconds to insert every row of ``rows_to_insert`` into A's table as it is, over ``sessions`` sessions.
+
+    Each session inserts one contiguous range of keys (as the merge's sessions insert
+    disjoint batches) in one statement from a table of its own, all sessions at once;
+    connecting and splitting the rows are not timed.
+    """
+    parts = [sql.Identifier(f"rows_to_insert_{k}") for k in range(sessions)]
+    bounds = [f"img_{instances * k // sessions:012d}" for k in range(sessions + 1)]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for part, lo, hi in zip(parts, bounds, bounds[1:], strict=False):
+            conn.execute(
+                sql.SQL(SPLIT)
+                .format(part, sql.Literal(lo), sql.Literal(hi))
+            )  # fmt: skip
+    ready = threading.Barrier(sessions + 1)
+    errors: list[Exception] = []
+
+    def insert(part: sql.Identifier) -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                ready.wait()
+                conn.execute(
+                    sql.SQL(INSERT.replace("rows_to_insert", "{part}")).format(cols=sql.SQL(COLUMNS), part=part)
+                )
+        except Exception as exc:  # noqa: BLE001  (handed to the calling thread, which raises it)
+            errors.append(exc)
+            ready.abort()
+
+    threads = [threading.Thread(target=insert, args=(part,)) for part in parts]
+    for thread in threads:
+        thread.start()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass  # a session failed before the start: joined and raised below
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - began
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for part in parts:
+            conn.execute(sql.SQL("DROP TABLE {}").format(part))
+    if errors:
+        raise errors[0]
+    return seconds
+
+
 def main(argv: list[str]) -> int:
     instances = int(argv[0]) if argv else 1_000_000
-    sequences = max(1, instances // 10)
+    sessions = int(argv[1]) if len(argv) > 1 else 2
     name = f"medsync_bench_{os.getpid()}_a_insert"
     create_database(name)
     try:
         with psycopg.connect(dsn_for(name), autocommit=True) as conn:
             conn.execute(A_SCHEMA.read_text())
-            sizes = {"instances": instances, "sequences": sequences}
-            sizes |= {"studies": max(1, sequences // 5), "subjects": max(1, sequences // 20)}
-            for statement in filter(str.strip, PARENTS.split(";\n")):
-                conn.execute(statement, sizes)
-            print(f"{instances:,} instances into imaging.instance (one statement), {sequences:,} sequences")
+            load_rows(conn, instances)
+            print(f"{instances:,} instances into imaging.instance, {max(1, instances // 10):,} sequences")
+            conn.execute("CHECKPOINT")
+            seconds = insert_in_sessions(dsn_for(name), instances, sessions)
+            print(
+                f"  {f'as it is, over {sessions} sessions':<42} {seconds:6.1f} s  {instances / seconds:>9,.0f} rows/s"
+            )
             for label, before, ddl in CASES:
                 if ddl:
                     conn.execute(ddl)

@@ -48,15 +48,18 @@ def render(r: dict[str, Any]) -> str:
             _n(f.get("peak_rss_mb")),
         ]
 
-    naive = r["naive"]
+    naive, bare = r["naive"], r["bare_insert"]
+    bare_row = {"seconds": bare["seconds"], "records": bare["instances"], "records_per_s": bare["rows_per_s"]}
     rows = [
         row("floor: fetch + raw COPY", r["floor"], written=False),
         row("full load", full),
         row("no change: newest 12 h window", r["no_change_window"]),
         row("no change: full refresh", r["no_change_full_refresh"]),
         row(f"incremental {opts['incremental_fraction']:.0%} in one 12 h window", r["incremental"]),
+        row(f"A's bare insert of the instances, {bare['sessions']} sessions", bare_row, written=False),
         row(f"naive baseline, {naive['catalogue']['instances']:,} instances", naive["naive"], written=False),
         row(f"sync, same {naive['catalogue']['instances']:,} instances", naive["sync"], written=False),
+        row(f"floor, same {naive['catalogue']['instances']:,} instances", naive["floor"], written=False),
         *(row(f"full load, {s['catalogue']['instances']:,} instances", s) for s in r["scale"]),
     ]
     header = ["run", "seconds", "records", "records/s", "x full load", "A rows written", "peak RSS MB"]
@@ -137,10 +140,24 @@ def render(r: dict[str, Any]) -> str:
         kinds = ", ".join(f"{kind} {sum(v.values()):,}" for kind, v in changed.items())
         out.append(f"incremental changes made in B: {kinds} (cascades counted at their own level)")
 
+    b = r["bounds"]
+    least, most = b["full_load"], b["naive"]
+    out.append(
+        f"least full load here: the instance level's floor {least['instance_floor_seconds']:.1f} s + A's bare insert "
+        f"of its rows {least['bare_insert_seconds']:.1f} s = {least['min_seconds']:.1f} s = "
+        f"{least['min_ratio']:.2f}x the floor, with no validation, mapping, dedupe, parents or decisions "
+        f"(a 1.5x full load leaves {least['left_seconds']:.1f} s for all of them)"
+    )
+    out.append(
+        f"most any sync can beat the naive baseline here: naive {most['naive_seconds']:.1f} s / floor of the same "
+        f"catalogue {most['floor_seconds']:.1f} s = {most['max_speed_up']:.1f}x"
+    )
+
     out.append("")
     out.append("targets")
     for t in r["targets"]:
         value = t["value"]
         shown = _n(value) if isinstance(value, int) else f"{value:.3f}"
-        out.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {shown} (limit {t['limit']})")
+        bound = f"; this machine's bound {t['bound']:.2f}" if t.get("bound") is not None else ""
+        out.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {shown} (limit {t['limit']}{bound})")
     return "\n".join(out)

@@ -72,7 +72,12 @@ def run(reply: Connection, name: str, target: str, kwargs: dict[str, Any], env: 
     outcome.cpu_seconds = time.process_time() - cpu_started
     if profiler is not None and profile_dir:
         profiler.stop()
+        # Every phase runs tasks of the same names: the first profile of a name keeps it, later ones are numbered.
         path = Path(profile_dir) / f"{name}.txt"
+        runs = 1
+        while path.exists():
+            runs += 1
+            path = Path(profile_dir) / f"{name}-{runs}.txt"
         path.write_text(profiler.output_text(unicode=False, color=False), encoding="utf-8")
     outcome.peak_rss_mb = memory_mb("VmHWM")
     reply.send(outcome)

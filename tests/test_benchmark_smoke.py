@@ -43,7 +43,14 @@ def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None
     assert r["full_load"]["cpu"]["machine_cpu_seconds"] > 0
     assert [s["slices"] for s in r["slices"]] == [1, 2]
     assert all(s["records"] >= 4000 for s in r["slices"])
-    assert r["naive"]["naive"]["records"] == r["naive"]["sync"]["records"] == 2250
+    assert r["naive"]["naive"]["records"] == r["naive"]["sync"]["records"] == r["naive"]["floor"]["records"] == 2250
+    assert r["bare_insert"]["instances"] == 4000 and r["bare_insert"]["sessions"] >= 1
+    least, most = r["bounds"]["full_load"], r["bounds"]["naive"]
+    assert 0 < least["instance_floor_seconds"] <= r["floor"]["seconds"]
+    assert least["min_ratio"] == (least["instance_floor_seconds"] + r["bare_insert"]["seconds"]) / r["floor"]["seconds"]
+    assert most["max_speed_up"] == r["naive"]["naive"]["seconds"] / r["naive"]["floor"]["seconds"]
+    assert [t["bound"] for t in r["targets"][:2]] == [least["min_ratio"], most["max_speed_up"]]
+    assert "least full load here" in proc.stdout and "this machine's bound" in proc.stdout
     assert [s["catalogue"]["instances"] for s in r["scale"]] == [8000]
     assert {t["target"] for t in r["targets"]} and all(isinstance(t["met"], bool) for t in r["targets"])
     for task in r["full_load"]["tasks"].values():
@@ -57,4 +64,4 @@ def test_a_insert_measures_every_case_on_a_few_rows() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.endswith("rows/s")]
-    assert len(lines) == 5 and "as A's table is" in lines[0]
+    assert len(lines) == 6 and "over 2 sessions" in lines[0] and "in one statement" in lines[1]

@@ -23,6 +23,7 @@ demo: install
 test: install
 	scripts/ensure-postgres.sh
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: everything but the runs through real Airflow processes.

@@ -443,9 +443,7 @@ def merge_level(
     return counts
 
 
-def _rows_per_batch(
-    conn: psycopg.Connection, q: _Sql, params: dict[str, Any], batch_size: int, sessions: int
-) -> int:
+def _rows_per_batch(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], batch_size: int, sessions: int) -> int:
     """``batch_size``, or less so that a merge of a few batches' worth still keeps every session busy.
 
     Counted before deduplication (an upper bound); below ``MIN_SHARED_BATCH`` records a

@@ -87,13 +87,9 @@ class SourceApiHook(BaseHook):
         try:
             conn = self.get_connection(self.api_conn_id)
         except AirflowNotFoundException as exc:
-            raise ConfigError(
-                f"Airflow connection {self.api_conn_id!r} (B's API) is not defined"
-            ) from exc
+            raise ConfigError(f"Airflow connection {self.api_conn_id!r} (B's API) is not defined") from exc
         if not conn.password:
-            raise ConfigError(
-                f"Airflow connection {self.api_conn_id!r} has no password: put B's API key there"
-            )
+            raise ConfigError(f"Airflow connection {self.api_conn_id!r} has no password: put B's API key there")
         extra = conn.extra_dejson
         return BApiClient(
             self._base_url(conn.host, conn.schema, conn.port, extra),

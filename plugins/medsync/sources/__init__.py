@@ -30,7 +30,5 @@ def get_protocol(name: str) -> ModuleType:
     """
     module_name = _PROTOCOLS.get(name)
     if module_name is None:
-        raise ConfigError(
-            f"unknown source protocol {name!r}; known protocols: {', '.join(known_protocols())}"
-        )
+        raise ConfigError(f"unknown source protocol {name!r}; known protocols: {', '.join(known_protocols())}")
     return importlib.import_module(module_name)

@@ -311,9 +311,7 @@ class BApiClient:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._limiter = (
-            TokenBucket(rate_limit_per_second, clock=clock, sleep=sleep)
-            if rate_limit_per_second is not None
-            else None
+            TokenBucket(rate_limit_per_second, clock=clock, sleep=sleep) if rate_limit_per_second is not None else None
         )
         self._owns_session = session is None
         self._session = session if session is not None else _new_session(self._base_url)
@@ -422,7 +420,7 @@ class BApiClient:
                 "B %s window [%s, %s) %s: %d pages, %d records, %.1f s, %d retries, %d cursor resumes",
                 resource, start, end, outcome, stats.pages, stats.records,
                 self._clock() - started, stats.retries, stats.resumes,
-            )
+            )  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         """Live (not deleted) records per resource right now: ``{"patients": n, "studies": ..., ...}``."""
@@ -493,7 +491,7 @@ class BApiClient:
                 log.info(
                     "B %s: cursor expired after %d pages, resuming from updated_since=%s",
                     resource, stats.pages, rfc3339(resume),
-                )
+                )  # fmt: skip
                 position, cursor = resume, None
                 continue
             page, next_cursor = self._page_of(body, resource)
@@ -502,7 +500,7 @@ class BApiClient:
             log.debug(
                 "B %s: page %d, %d records, %.3f s, last page: %s",
                 resource, stats.pages, len(page), self._clock() - page_started, next_cursor is None,
-            )
+            )  # fmt: skip
             if page:
                 # Only the last valid timestamp matters: it is where a resume would start. A record
                 # whose updated_at does not parse is the parser's to quarantine, not a reason to stop.
@@ -589,7 +587,7 @@ class BApiClient:
             log.warning(
                 "B %s: %s on attempt %d of %d, retrying in %.1f s",
                 what, problem, attempt, self._max_attempts, delay,
-            )
+            )  # fmt: skip
             self._sleep(delay)
         raise SourceUnavailableError(
             f"B {what}: still failing after {self._max_attempts} attempts (last: {problem}); "
@@ -600,8 +598,7 @@ class BApiClient:
     def _raise_for(status: int, response: requests.Response, what: str) -> NoReturn:
         if status in (401, 403):
             raise SourceApiError(
-                f"B {what}: HTTP {status}, B refused the API key; "
-                f"check the password of the source's API connection"
+                f"B {what}: HTTP {status}, B refused the API key; check the password of the source's API connection"
             )
         if 300 <= status < 400:
             raise SourceApiError(

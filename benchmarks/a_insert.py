@@ -2,12 +2,13 @@
 
 ``python -m benchmarks.a_insert [N]`` (default 1,000,000): in a fresh database holding A's
 tables (``include/sql/a_schema.sql``) and N/10 sequences, INSERTs N instance rows, shaped
-like the benchmark's, from an unlogged table into ``imaging.instance``: over the merge's
-sessions at once (each a contiguous key range, as the merge's batches are), then in one
-statement as the table is, without the FK check (``session_replication_role = replica``:
-superuser, measurement only), without the FK index, without the unique key. It is the
-floor under any merge into A's table as it is: ``make bench`` runs the first case as its
-"A's bare insert" phase, and docs/benchmarks.md, "What bounds them", cites the others.
+like the benchmark's, from an unlogged table into ``imaging.instance``: first as the merge
+writes them (batches of 20,000 in key order, one statement and transaction each, shared out
+among 2 sessions; ``[N [SESSIONS [BATCH]]]`` change that), then in one statement as the
+table is, without the FK check (``session_replication_role = replica``: superuser,
+measurement only), without the FK index, without the unique key. It is the floor under any
+merge into A's table as it is: ``make bench`` runs the first case as its "A's bare insert"
+phase, and docs/benchmarks.md, "What bounds them", cites the others.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import threading
 import time
 
 import psycopg
-from psycopg import sql
 
 from tests.conftest import A_SCHEMA, create_database, drop_database, dsn_for
 
@@ -46,8 +46,10 @@ SELECT ('01930000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid AS id,
        'b-imaging-bench'::text AS storage_bucket,
        '2026/02/03/stu_000000012345/ser_000000067890/img_' || lpad(i::text, 12, '0') || '.dcm' AS storage_key,
        (500000 + i %% 1000)::bigint AS size_bytes, 'application/dicom'::text AS content_type,
-       now() AS source_updated_at, now() AS created_at, now() AS updated_at
+       now() AS source_updated_at, now() AS created_at, now() AS updated_at,
+       (i - 1) / %(batch)s AS batch
 FROM generate_series(1, %(instances)s) i;
+CREATE INDEX ON rows_to_insert (batch);
 VACUUM ANALYZE rows_to_insert;
 """
 
@@ -68,48 +70,46 @@ CASES: tuple[tuple[str, str | None, str | None], ...] = (
 )  # fmt: skip
 
 
-SPLIT = "CREATE UNLOGGED TABLE {} AS SELECT * FROM rows_to_insert WHERE source_key > {} AND source_key <= {}"
-
-
-def load_rows(conn: psycopg.Connection, instances: int) -> None:
-    """A's parents of ``instances`` instances, and the instance rows to insert (``rows_to_insert``)."""
+def load_rows(conn: psycopg.Connection, instances: int, batch_size: int = 20_000) -> int:
+    """A's parents of ``instances`` instances and the instance rows to insert (``rows_to_insert``), numbered in
+    batches of ``batch_size`` in key order as the merge's work table is; returns the number of batches."""
     sequences = max(1, instances // 10)
-    sizes = {"instances": instances, "sequences": sequences}
+    sizes = {"instances": instances, "sequences": sequences, "batch": batch_size}
     sizes |= {"studies": max(1, sequences // 5), "subjects": max(1, sequences // 20)}
     for statement in filter(str.strip, PARENTS.split(";\n")):
         conn.execute(statement, sizes)
+    return -(-instances // batch_size)
 
 
-def insert_in_sessions(dsn: str, instances: int, sessions: int) -> float:
-    """Seconds to insert every row of ``rows_to_insert`` into A's table as it is, over ``sessions`` sessions.
+def insert_in_batches(dsn: str, batches: int, sessions: int) -> float:
+    """Seconds to insert every row of ``rows_to_insert`` into A's table as it is, the way the merge writes.
 
-    Each session inserts one contiguous range of keys (as the merge's sessions insert
-    disjoint batches) in one statement from a table of its own, all sessions at once;
-    connecting and splitting the rows are not timed.
+    One statement and one transaction per batch, the batches shared out among ``sessions``
+    sessions working at once (each takes the next batch when done), as ``medsync.merge``
+    applies its batches; but nothing else: no decision, no tombstone, no count. Connecting
+    is not timed.
     """
-    parts = [sql.Identifier(f"rows_to_insert_{k}") for k in range(sessions)]
-    bounds = [f"img_{instances * k // sessions:012d}" for k in range(sessions + 1)]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for part, lo, hi in zip(parts, bounds, bounds[1:], strict=False):
-            conn.execute(
-                sql.SQL(SPLIT)
-                .format(part, sql.Literal(lo), sql.Literal(hi))
-            )  # fmt: skip
+    todo = iter(range(batches))
+    take = threading.Lock()
     ready = threading.Barrier(sessions + 1)
     errors: list[Exception] = []
+    statement = INSERT.format(cols=COLUMNS) + " WHERE batch = %s"
 
-    def insert(part: sql.Identifier) -> None:
+    def insert() -> None:
         try:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 ready.wait()
-                conn.execute(
-                    sql.SQL(INSERT.replace("rows_to_insert", "{part}")).format(cols=sql.SQL(COLUMNS), part=part)
-                )
+                while not errors:
+                    with take:
+                        batch = next(todo, None)
+                    if batch is None:
+                        return
+                    conn.execute(statement, (batch,))
         except Exception as exc:  # noqa: BLE001  (handed to the calling thread, which raises it)
             errors.append(exc)
             ready.abort()
 
-    threads = [threading.Thread(target=insert, args=(part,)) for part in parts]
+    threads = [threading.Thread(target=insert) for _ in range(sessions)]
     for thread in threads:
         thread.start()
     try:
@@ -120,9 +120,6 @@ def insert_in_sessions(dsn: str, instances: int, sessions: int) -> float:
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - began
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for part in parts:
-            conn.execute(sql.SQL("DROP TABLE {}").format(part))
     if errors:
         raise errors[0]
     return seconds
@@ -131,18 +128,18 @@ def insert_in_sessions(dsn: str, instances: int, sessions: int) -> float:
 def main(argv: list[str]) -> int:
     instances = int(argv[0]) if argv else 1_000_000
     sessions = int(argv[1]) if len(argv) > 1 else 2
+    batch_size = int(argv[2]) if len(argv) > 2 else 20_000
     name = f"medsync_bench_{os.getpid()}_a_insert"
     create_database(name)
     try:
         with psycopg.connect(dsn_for(name), autocommit=True) as conn:
             conn.execute(A_SCHEMA.read_text())
-            load_rows(conn, instances)
+            batches = load_rows(conn, instances, batch_size)
             print(f"{instances:,} instances into imaging.instance, {max(1, instances // 10):,} sequences")
             conn.execute("CHECKPOINT")
-            seconds = insert_in_sessions(dsn_for(name), instances, sessions)
-            print(
-                f"  {f'as it is, over {sessions} sessions':<42} {seconds:6.1f} s  {instances / seconds:>9,.0f} rows/s"
-            )
+            seconds = insert_in_batches(dsn_for(name), batches, sessions)
+            label = f"as the merge writes ({batch_size:,} a batch, {sessions} sessions)"
+            print(f"  {label:<48} {seconds:6.1f} s  {instances / seconds:>9,.0f} rows/s")
             for label, before, ddl in CASES:
                 if ddl:
                     conn.execute(ddl)
@@ -154,7 +151,7 @@ def main(argv: list[str]) -> int:
                         conn.execute(f"SET LOCAL {before.removeprefix('SET ')}")
                     conn.execute(INSERT.format(cols=COLUMNS))
                 seconds = time.perf_counter() - began
-                print(f"  {label:<42} {seconds:6.1f} s  {instances / seconds:>9,.0f} rows/s")
+                print(f"  {label:<48} {seconds:6.1f} s  {instances / seconds:>9,.0f} rows/s")
     finally:
         drop_database(name)
     return 0

@@ -11,7 +11,7 @@ studies x 5 sequences x 10 instances), served by the B simulator without its rat
    window, then that window synced;
 5. instance pull split into 1, 2 and 4 time slices (parallel tasks);
 6. A's bare insert: the main catalogue's instance rows inserted into A's table as it is,
-   over the merge's sessions, in a fresh A (``benchmarks.a_insert``);
+   in the merge's batches and sessions, in a fresh A (``benchmarks.a_insert``);
 7. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
 8. scale: the full load again at each ``--scale`` size (default 3,000,000).
 
@@ -81,7 +81,8 @@ class Options:
     pairs: int
     """Floor + full load pairs; the full-load-to-floor target is judged on their median ratio."""
     merge_sessions: int
-    """b.yaml's ``merge_sessions``: the sessions of A's bare insert."""
+    merge_batch_size: int
+    """b.yaml's: A's bare insert writes as the merge does."""
     keep: bool
     results_dir: Path
     plugins: str
@@ -124,6 +125,7 @@ def parse_args(argv: list[str] | None) -> Options:
         incremental_fraction=a.incremental_fraction,
         pairs=max(1, a.pairs),
         merge_sessions=cfg.merge_sessions,
+        merge_batch_size=cfg.merge_batch_size,
         keep=a.keep,
         results_dir=a.results_dir,
         plugins=a.plugins,
@@ -306,15 +308,21 @@ class Bench:
         }
 
     def bare_insert(self) -> dict[str, Any]:
-        """The main catalogue's instance rows inserted into A's table as it is, and nothing else: a merge's floor."""
-        instances, sessions = self.opts.instances, self.opts.merge_sessions
+        """The main catalogue's instance rows inserted into A's table as the merge writes, and nothing else."""
+        instances, sessions, batch_size = self.opts.instances, self.opts.merge_sessions, self.opts.merge_batch_size
         with database("bare_insert", self.opts.keep) as db, connect(db) as conn:
-            a_insert.load_rows(conn, instances)
+            batches = a_insert.load_rows(conn, instances, batch_size)
             measure.checkpoint(conn)
-            seconds = a_insert.insert_in_sessions(dsn_for(db), instances, sessions)
+            seconds = a_insert.insert_in_batches(dsn_for(db), batches, sessions)
             stored = conn.execute("SELECT count(*) FROM imaging.instance").fetchone()
         self._require(stored == (instances,), f"A's bare insert stored {stored} rows of {instances}")
-        return {"instances": instances, "sessions": sessions, "seconds": seconds, "rows_per_s": instances / seconds}
+        return {
+            "instances": instances,
+            "sessions": sessions,
+            "batch_size": batch_size,
+            "seconds": seconds,
+            "rows_per_s": instances / seconds,
+        }
 
     def naive(self, tmp: Path) -> None:
         """The naive baseline, the sync and the floor, the syncs each into an empty A, on the same smaller catalogue."""

@@ -59,9 +59,9 @@ def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None
 
 def test_a_insert_measures_every_case_on_a_few_rows() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.a_insert", "2000"], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "benchmarks.a_insert", "2000", "2", "300"], cwd=ROOT, capture_output=True, text=True,
         timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.endswith("rows/s")]
-    assert len(lines) == 6 and "over 2 sessions" in lines[0] and "in one statement" in lines[1]
+    assert len(lines) == 6 and "as the merge writes" in lines[0] and "in one statement" in lines[1]

@@ -10,14 +10,12 @@ studies x 5 sequences x 10 instances), served by the B simulator without its rat
 4. incremental: 1% of every level changed (updates, deletes, new records) inside one 12 h
    window, then that window synced;
 5. instance pull split into 1, 2 and 4 time slices (parallel tasks);
-6. A's bare insert: the main catalogue's instance rows inserted into A's table as it is,
-   in the merge's batches and sessions, in a fresh A (``benchmarks.a_insert``);
-7. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
-8. scale: the full load again at each ``--scale`` size (default 3,000,000).
+6. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
+7. scale: the full load again at each ``--scale`` size (default 3,000,000).
 
-The bare insert and the floors also give what this machine allows the two ratio targets
-(``bounds``): the least a full load that merges a level after pulling it can take, and the
-most any sync can be faster than the naive baseline.
+The floors and the merge's own timers also give what this machine allows the two ratio
+targets (``bounds``): the least a full load that merges a level after pulling it can take,
+and the most any sync can be faster than the naive baseline.
 
 Every task runs in a process of its own, forked from a server that imported Airflow once
 (its start-up is reported apart). Results: a table on stdout, JSON in ``benchmarks/results/``,
@@ -41,7 +39,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import a_insert, floor, measure, table
+from benchmarks import floor, measure, table
 from benchmarks.dag import BenchError, SyncRun, Task, TaskRun, Workers, prepare, run_sync, sync_graph
 from benchmarks.fixtures import (
     API_KEY,
@@ -80,9 +78,6 @@ class Options:
     incremental_fraction: float
     pairs: int
     """Floor + full load pairs; the full-load-to-floor target is judged on their median ratio."""
-    merge_sessions: int
-    merge_batch_size: int
-    """b.yaml's: A's bare insert writes as the merge does."""
     keep: bool
     results_dir: Path
     plugins: str
@@ -124,8 +119,6 @@ def parse_args(argv: list[str] | None) -> Options:
         page_size=a.page_size or cfg.page_size,
         incremental_fraction=a.incremental_fraction,
         pairs=max(1, a.pairs),
-        merge_sessions=cfg.merge_sessions,
-        merge_batch_size=cfg.merge_batch_size,
         keep=a.keep,
         results_dir=a.results_dir,
         plugins=a.plugins,
@@ -158,7 +151,6 @@ class Bench:
         )
         self.results["startup_seconds"] = round(self.workers.start(), 2)
         self.main_catalogue(tmp)
-        self.results["bare_insert"] = self.bare_insert()
         self.naive(tmp)
         self.results["scale"] = [self.scale(tmp, n) for n in opts.scale]
         self.results["load_after"] = _load()
@@ -307,23 +299,6 @@ class Bench:
             "floor_seconds": floor_seconds,
         }
 
-    def bare_insert(self) -> dict[str, Any]:
-        """The main catalogue's instance rows inserted into A's table as the merge writes, and nothing else."""
-        instances, sessions, batch_size = self.opts.instances, self.opts.merge_sessions, self.opts.merge_batch_size
-        with database("bare_insert", self.opts.keep) as db, connect(db) as conn:
-            batches = a_insert.load_rows(conn, instances, batch_size)
-            measure.checkpoint(conn)
-            seconds = a_insert.insert_in_batches(dsn_for(db), batches, sessions)
-            stored = conn.execute("SELECT count(*) FROM imaging.instance").fetchone()
-        self._require(stored == (instances,), f"A's bare insert stored {stored} rows of {instances}")
-        return {
-            "instances": instances,
-            "sessions": sessions,
-            "batch_size": batch_size,
-            "seconds": seconds,
-            "rows_per_s": instances / seconds,
-        }
-
     def naive(self, tmp: Path) -> None:
         """The naive baseline, the sync and the floor, the syncs each into an empty A, on the same smaller catalogue."""
         shape = Shape.for_instances(self.opts.naive_instances)
@@ -427,6 +402,7 @@ def sync_figures(ran: SyncRun) -> dict[str, Any]:
             "merge_records_per_s": records / merge.seconds if merge.seconds else None,
             "merge_build_seconds": merged.get("build_seconds"),
             "merge_write_seconds": merged.get("write_seconds"),
+            "merge_sessions": merged.get("sessions"),
             "inserted": merged["inserted"],
             "updated": merged["updated"],
             "unchanged": merged["unchanged"],
@@ -486,22 +462,27 @@ def bounds(r: dict[str, Any]) -> dict[str, Any]:
     """What this machine allows the two ratio targets, from figures of the same run.
 
     ``full_load``: a level is merged after its pull (the DAG's order), so a full load takes at
-    least the instance level's floor plus A's bare insert of its rows, before any validation,
-    mapping, deduplication, parent or decision; ``min_ratio`` is that over the floor, and
-    ``left_seconds`` what a 1.5x full load would leave for all the rest. ``naive``: no sync is
-    faster than the floor of the same catalogue, so ``max_speed_up`` is the most any sync can
-    be faster than the naive baseline.
+    least the instance level's floor plus the time it takes to insert the instance rows into
+    A's table; ``insert_seconds`` is the full load's own (its merge sessions' seconds inside
+    ``INSERT INTO imaging.instance``, over the number of sessions). ``min_ratio`` is their sum
+    over the floor, and ``left_seconds`` what a 1.5x full load would leave for everything
+    else: validating, mapping, deduplicating, resolving parents, deciding. ``naive``: no sync
+    is faster than the floor of the same catalogue, so ``max_speed_up`` is the most any sync
+    can be faster than the naive baseline.
     """
-    fl, bare = r["floor"], r["bare_insert"]
-    least = fl["instance_seconds"] + bare["seconds"]
+    fl, full = r["floor"], r["full_load"]
+    instance = full["levels"]["instance"]
+    inserts = instance["merge_write_seconds"] / instance["merge_sessions"]
+    least = fl["instance_seconds"] + inserts
     naive = r["naive"]
     return {
         "full_load": {
             "instance_floor_seconds": fl["instance_seconds"],
-            "bare_insert_seconds": bare["seconds"],
+            "insert_seconds": inserts,
             "min_seconds": least,
             "min_ratio": least / fl["seconds"],
             "left_seconds": 1.5 * fl["seconds"] - least,
+            "rest_seconds": full["seconds"] - least,
         },
         "naive": {
             "naive_seconds": naive["naive"]["seconds"],

@@ -173,7 +173,7 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
             "UPDATE medsync.sync_run_level SET merge_counts = %s WHERE run_id = %s AND level = %s",
             (Jsonb(counts), run_id, level),
         )
-    figures = ("inserted", "updated", "unchanged", "pending", "build_seconds", "write_seconds")
+    figures = ("inserted", "updated", "unchanged", "pending", "sessions", "build_seconds", "write_seconds")
     return {"level": level, **{k: counts[k] for k in figures}}
 
 

@@ -7,8 +7,7 @@ writes them (batches of 20,000 in key order, one statement and transaction each,
 among 2 sessions; ``[N [SESSIONS [BATCH]]]`` change that), then in one statement as the
 table is, without the FK check (``session_replication_role = replica``: superuser,
 measurement only), without the FK index, without the unique key. It is the floor under any
-merge into A's table as it is: ``make bench`` runs the first case as its "A's bare insert"
-phase, and docs/benchmarks.md, "What bounds them", cites the others.
+merge into A's table as it is: docs/benchmarks.md, "What bounds them", cites it.
 """
 
 from __future__ import annotations
@@ -161,6 +160,10 @@ def main(argv: list[str]) -> int:
             print(f"{instances:,} instances into imaging.instance, {max(1, instances // 10):,} sequences")
             conn.execute("CHECKPOINT")
             batched = insert_in_batches(dsn_for(name), batches, sessions)
+            stored = conn.execute("SELECT count(*) FROM imaging.instance").fetchone()
+            if stored != (instances,):
+                print(f"the batches inserted {stored} rows of {instances}", file=sys.stderr)
+                return 1
             seconds = batched.insert_seconds
             label = f"as the merge writes ({batch_size:,} a batch, {sessions} sessions)"
             print(

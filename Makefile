@@ -20,10 +20,8 @@ demo: install
 	scripts/ensure-postgres.sh
 	$(BIN)/python -m demo
 
-test: install
+test: lint
 	scripts/ensure-postgres.sh
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: everything but the runs through real Airflow processes.

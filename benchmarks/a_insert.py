@@ -104,44 +104,43 @@ def insert_in_batches(dsn: str, batches: int, sessions: int) -> BatchedInsert:
     """
     todo = iter(range(batches))
     take = threading.Lock()
-    ready = threading.Barrier(sessions + 1)
     errors: list[Exception] = []
     inserting = [0.0] * sessions
+    statement = INSERT.format(cols=COLUMNS).replace("rows_to_insert", "batch_rows")
 
-    def insert(session: int) -> None:
+    def insert(conn: psycopg.Connection, session: int) -> None:
         try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                # Set as the merge's sessions set them (medsync.merge).
-                conn.execute("SET temp_buffers = '64MB'")
-                conn.execute("SET jit = off")
-                conn.execute("CREATE TEMP TABLE batch_rows AS SELECT * FROM rows_to_insert WITH NO DATA")
-                ready.wait()
-                while not errors:
-                    with take:
-                        batch = next(todo, None)
-                    if batch is None:
-                        return
-                    with conn.transaction():
-                        conn.execute("TRUNCATE batch_rows")
-                        conn.execute("INSERT INTO batch_rows SELECT * FROM rows_to_insert WHERE batch = %s", (batch,))
-                        began = time.perf_counter()
-                        conn.execute(INSERT.format(cols=COLUMNS).replace("rows_to_insert", "batch_rows"))
-                        inserting[session] += time.perf_counter() - began
+            while not errors:
+                with take:
+                    batch = next(todo, None)
+                if batch is None:
+                    return
+                with conn.transaction():
+                    conn.execute("TRUNCATE batch_rows")
+                    conn.execute("INSERT INTO batch_rows SELECT * FROM rows_to_insert WHERE batch = %s", (batch,))
+                    began = time.perf_counter()
+                    conn.execute(statement)
+                    inserting[session] += time.perf_counter() - began
         except Exception as exc:  # noqa: BLE001  (handed to the calling thread, which raises it)
             errors.append(exc)
-            ready.abort()
 
-    threads = [threading.Thread(target=insert, args=(k,)) for k in range(sessions)]
-    for thread in threads:
-        thread.start()
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(sessions)]
     try:
-        ready.wait()
-    except threading.BrokenBarrierError:
-        pass  # a session failed before the start: joined and raised below
-    began = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
+        for conn in conns:
+            # Set as the merge's sessions set them (medsync.merge).
+            conn.execute("SET temp_buffers = '64MB'")
+            conn.execute("SET jit = off")
+            conn.execute("CREATE TEMP TABLE batch_rows AS SELECT * FROM rows_to_insert WITH NO DATA")
+        threads = [threading.Thread(target=insert, args=(conn, k)) for k, conn in enumerate(conns)]
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - began
+    finally:
+        for conn in conns:
+            conn.close()
     if errors:
         raise errors[0]
     return BatchedInsert(wall, sum(inserting), sessions)

@@ -17,7 +17,8 @@ from medsync import live_count, schema
 from medsync.config import LEVELS, get_source_config
 from medsync.mapping import load_mapping, parse_mapping
 from medsync.merge import merge_level
-from medsync.sources.b_rest.records import RecordParser
+from medsync.sources import open_source
+from medsync.sources.base import Buckets, RawPage
 from medsync.staging import pull_level
 
 T0 = "2026-11-19T01:00:00Z"
@@ -63,6 +64,7 @@ class Sync:
         live_count.ensure(self.conn, source, lock_timeout_seconds=5)
         self.source = source
         self.batch_size = batch_size
+        self.b = open_source(get_source_config("b"))
         self.mapping = load_mapping(get_source_config("b").mapping_path)
         self.runs = itertools.count(1)
         self.last_counts: dict[str, Any] = {}
@@ -73,10 +75,10 @@ class Sync:
             "INSERT INTO medsync.sync_run (id, source_system, dag_run_id, run_type) VALUES (%s, %s, %s, 'manual')",
             (run, self.source, f"run{run}"),
         )
-        parser = RecordParser(mapping or self.mapping, "b-bucket")
+        parser = self.b.parser(mapping or self.mapping, Buckets("b-bucket", frozenset({"b-bucket"})))
         counts: dict[str, Any] = {}
         for level in LEVELS:
-            pages = [records.get(level, [])]
+            pages = [RawPage(records.get(level, []))]
             pull_level(self.conn, source=self.source, level=level, run_id=run, pages=pages, parser=parser,
                        commit_rows=3)  # fmt: skip
         for level in LEVELS:
@@ -88,6 +90,7 @@ class Sync:
                 batch_size=self.batch_size,
                 sessions=self.sessions,
                 connect=self.connect,
+                parent_lookup=self.b.parent_link(level).column if level != "subject" else "source_key",
             ).as_dict()
         self.last_counts = counts
         self.assert_live_counts_kept()

@@ -12,22 +12,22 @@ from medsync import live_count
 from medsync.config import LEVELS
 from medsync.errors import ReconciliationError
 from medsync.report import build_report, check_full_refresh
-from medsync.sources.b_rest import RESOURCES
+from medsync.sources.base import RawPage, SourceClient
 from tests.test_merge import Sync, full_tree, tomb
 
-B_LIVE = {"patients": 2, "studies": 2, "series": 2, "images": 3}
+B_LIVE = {"subject": 2, "study": 2, "sequence": 2, "instance": 3}
 
 
-class CountsOnly:
+class CountsOnly(SourceClient):
     """B's side of the report: ``/counts`` and no records changed after the window."""
 
     def __init__(self, counts: dict[str, int]) -> None:
         self._counts = counts
 
-    def counts(self) -> dict[str, Any]:
+    def counts(self) -> dict[str, int]:
         return dict(self._counts)
 
-    def iter_pages(self, resource: str, since: datetime, until: datetime, **_: Any) -> Iterator[list[Any]]:
+    def iter_pages(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
         return iter([])
 
 
@@ -40,7 +40,7 @@ def report(sync: Sync, run_id: int, kind: str, b_live: dict[str, int] = B_LIVE) 
             " VALUES (%s, %s, '1970-01-01Z', '2026-11-20Z') ON CONFLICT DO NOTHING",
             (run_id, level),
         )
-    return build_report(conn, CountsOnly(b_live), RESOURCES, "b", run_id, lock_timeout_seconds=5)
+    return build_report(conn, CountsOnly(b_live), "b", run_id, lock_timeout_seconds=5)
 
 
 def add_to_kept_instances(sync: Sync, n: int) -> None:
@@ -77,13 +77,13 @@ def test_full_refresh_counts_a_again_and_reports_the_drift(loaded: Sync) -> None
 def test_full_refresh_explains_children_deleted_with_their_parent(loaded: Sync) -> None:
     # B deletes study s1 only: its sequence and instances stay live in B, deleted in A (a-model.md).
     loaded.run(study=[tomb("s1", "2026-11-19T05:00:00Z")])
-    b_live = {"patients": 2, "studies": 1, "series": 2, "images": 3}
+    b_live = {"subject": 2, "study": 1, "sequence": 2, "instance": 3}
     result = report(loaded, 2, "full_refresh", b_live)
     instance = result["levels"]["instance"]
     assert (instance["a_live"], instance["deleted_with_parent"], instance["difference"]) == (1, 2, -2)
     check_full_refresh(result)
     with pytest.raises(ReconciliationError, match="instance: A has 1 live rows, the source 5"):
-        check_full_refresh(report(loaded, 2, "full_refresh", {**b_live, "images": 5}))
+        check_full_refresh(report(loaded, 2, "full_refresh", {**b_live, "instance": 5}))
 
 
 def test_a_level_without_a_kept_count_is_counted(loaded: Sync) -> None:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -114,8 +114,10 @@ class SourceConfig(_Strict):
 
     name: str
     """The source's name in A: ``source_system`` of every row this source writes."""
-    protocol: Literal["b_rest"]
-    """Which client and record models speak to the source (``medsync.sources.<protocol>``)."""
+    protocol: str
+    """Which protocol speaks to the source (``medsync.sources.known_protocols()``: ``rest``, ``dicomweb``)."""
+    api: dict[str, Any] = Field(default_factory=dict)
+    """The protocol's own section (endpoints, paging, fields, ...), validated by the protocol's model."""
     description: str = ""
     owner: str = "data-engineering"
     tags: tuple[str, ...] = ()
@@ -126,7 +128,8 @@ class SourceConfig(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     lookback_minutes: int = Field(default=10, ge=0)
     """Each window starts this much earlier, to catch records committed late with an older timestamp."""
-    page_size: int = Field(default=500, ge=1, le=1000)
+    page_size: int = Field(default=500, ge=1)
+    """Records per request; at most the source's own largest page (``api`` says it)."""
     request_timeout_seconds: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=6, ge=1)
     """Attempts per API request before a transient failure fails the task (Airflow then retries it)."""
@@ -155,6 +158,15 @@ class SourceConfig(_Strict):
             raise ValueError("must be 1-16 lowercase letters, digits or '_', starting with a letter")
         if value == "a":
             raise ValueError("'a' is service A's own source_system and cannot be synced")
+        return value
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol_is_known(cls, value: str) -> str:
+        from medsync.sources import known_protocols
+
+        if value not in known_protocols():
+            raise ValueError(f"unknown protocol {value!r}; known: {', '.join(known_protocols())}")
         return value
 
     @model_validator(mode="after")
@@ -193,9 +205,12 @@ def load_yaml_model(path: Path, model: type[_M], what: str) -> _M:
 
 def load_source_config(path: Path) -> SourceConfig:
     """Reads and validates one source config; errors name the file and the field."""
+    from medsync.sources import open_source
+
     config = load_yaml_model(path, SourceConfig, "a source config")
     if path.stem != config.name:
         raise ConfigError(f"{path}: file name must be the source name ({config.name}.yaml)")
+    open_source(config, str(path))  # the protocol's own section, and settings it bounds
     return config
 
 

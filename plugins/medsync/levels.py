@@ -30,8 +30,6 @@ class LevelSpec:
     parent_level: str | None = None
     parent_fk: str | None = None
     """A's column that references the parent row's id."""
-    parent_lookup: str = "source_key"
-    """Column of the parent table that a child's ``parent_key`` is matched against."""
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -94,8 +92,6 @@ SPECS: dict[str, LevelSpec] = {
         ),
         parent_level="sequence",
         parent_fk="sequence_id",
-        # B links an image to its series by SeriesInstanceUID, not by the series' id.
-        parent_lookup="series_uid",
     ),
 }
 

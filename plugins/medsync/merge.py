@@ -98,7 +98,7 @@ class MergeCounts:
 class _Sql:
     """The statements of one level's merge, composed once with quoted identifiers."""
 
-    def __init__(self, s: LevelSpec, stage: sql.Identifier, work: sql.Identifier) -> None:
+    def __init__(self, s: LevelSpec, stage: sql.Identifier, work: sql.Identifier, parent_lookup: str) -> None:
         self.s = s
         self.stage, self.work = stage, work
         cols = s.column_names
@@ -127,7 +127,7 @@ class _Sql:
         ).format(cols=staged_list, stage=stage, pending_part=pending_part)
         if s.parent_level:
             parent = spec(s.parent_level)
-            lookup = _I(s.parent_lookup)
+            lookup = _I(parent_lookup)
             # Prefer the live parent when several rows share the lookup value (B's series_uid is
             # unique among live series only), then the newest. The keys come from the narrow
             # scans of staging and pending, not from the deduplicated rows (a second pass over them).
@@ -397,8 +397,12 @@ def merge_level(
     lock_timeout_seconds: int = 1800,
     sessions: int = 1,
     connect: Callable[[], psycopg.Connection] | None = None,
+    parent_lookup: str = "source_key",
 ) -> MergeCounts:
     """Merges this run's staging table (and the level's pending records) into A.
+
+    ``parent_lookup`` is the column of the parent's table that a staged ``parent_key`` matches
+    (the source's ``ParentLink``: ``source_key``, or a UID column such as ``series_uid``).
 
     ``conn`` must be in autocommit mode and used by nothing else meanwhile: the source
     lock and the temporary tables belong to its session. With ``sessions`` > 1 and a
@@ -418,7 +422,9 @@ def merge_level(
             "(the database restarted, or the pull did not run): clear the pull task to re-run it"
         )
     work = work_table(source, level, run_id)
-    q = _Sql(s, stage, work)
+    if parent_lookup not in ("source_key", *(spec(s.parent_level).column_names if s.parent_level else ())):
+        raise MergeError(f"{level}: parents cannot be looked up by {parent_lookup!r}")
+    q = _Sql(s, stage, work, parent_lookup)
     params: dict[str, Any] = {"src": source, "level": level, "run": run_id}
     counts = MergeCounts()
     with source_lock(conn, source, lock_timeout_seconds):

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -30,7 +30,7 @@ from uuid_utils import uuid7
 
 from medsync.levels import STAGE_FIXED_COLUMNS, staged_columns
 from medsync.schema import MEDSYNC_LOCK_CLASS, SCHEMA
-from medsync.sources.b_rest.records import RecordRejected, StagedRecord
+from medsync.sources.base import RawPage, RecordParser, RecordRejected, StagedRecord
 from medsync.windows import Window
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ READ_AHEAD_PAGES = 2
 """Pages fetched ahead of the one being staged (memory: this many pages more)."""
 
 T = TypeVar("T")
-
-
-class Parser(Protocol):
-    def parse(self, level: str, raw: object) -> StagedRecord: ...
 
 
 def staging_table_name(source: str, level: str, run_id: int) -> str:
@@ -123,6 +119,8 @@ class _Quarantine:
         self.rows: list[dict[str, Any]] = []
 
     def add(self, rejected: RecordRejected, raw: object) -> None:
+        if rejected.payload is not None:
+            raw = rejected.payload
         self.rows.append(
             {
                 "source_key": rejected.source_key,
@@ -218,14 +216,25 @@ def _open_quarantine_chunk(conn: psycopg.Connection, source: str, level: str, af
     ).fetchall()
 
 
+def _parse_each(
+    parser: RecordParser, level: str, payloads: list[object]
+) -> Iterator[tuple[object, StagedRecord | RecordRejected]]:
+    """Quarantine payloads paired with what the parser makes of them now."""
+    for payload in payloads:
+        try:
+            yield payload, parser.parse(level, payload)
+        except RecordRejected as rejected:
+            yield payload, rejected
+
+
 def pull_level(
     conn: psycopg.Connection,
     *,
     source: str,
     level: str,
     run_id: int,
-    pages: Iterable[list[Any]],
-    parser: Parser,
+    pages: Iterable[RawPage],
+    parser: RecordParser,
     slice_index: int = 0,
     retry_quarantine: bool = True,
     commit_rows: int = 50_000,
@@ -233,7 +242,7 @@ def pull_level(
 ) -> PullCounts:
     """Stages one level (or one slice of it) for a run; returns what it counted.
 
-    ``pages`` yields lists of raw records (the source client's pages); a thread reads it
+    ``pages`` yields the source client's pages (``SourceClient.iter_pages``); a thread reads it
     ahead (``read_ahead``), so the source prepares the next page while this one is staged.
     ``conn`` must be in autocommit mode: this function commits every ``commit_rows`` staged
     rows so that no transaction stays open for a whole window. ``new_id`` makes the id a
@@ -255,7 +264,7 @@ def pull_level(
 
     conn.execute(sql.SQL("DELETE FROM {} WHERE slice = %s").format(table), (slice_index,))
 
-    def stage(stream: Iterator[object], from_quarantine: bool) -> None:
+    def stage(stream: Iterator[tuple[object, StagedRecord | RecordRejected]], from_quarantine: bool) -> None:
         exhausted = False
         while not exhausted:
             # One transaction per chunk: COPY rows and the chunk's quarantine commit together.
@@ -263,17 +272,15 @@ def pull_level(
                 with conn.cursor() as cur, cur.copy(copy_sql) as copy:
                     copy.set_types(types)
                     in_chunk = 0
-                    for raw in stream:
+                    for raw, rec in stream:
                         in_chunk += 1
-                        try:
-                            rec = parser.parse(level, raw)
-                        except RecordRejected as rejected:
-                            counts.reasons[_reason_class(rejected.reason)] += 1
+                        if isinstance(rec, RecordRejected):
+                            counts.reasons[_reason_class(rec.reason)] += 1
                             if from_quarantine:
                                 counts.quarantine_still_held += 1
                             else:
                                 counts.quarantined += 1
-                            quarantine.add(rejected, raw)
+                            quarantine.add(rec, raw)
                         else:
                             tail = tombstone_tail if rec.deleted else rec.values
                             copy.write_row((rec.source_key, rec.updated_at, rec.deleted, new_id(), slice_index, *tail))
@@ -285,11 +292,12 @@ def pull_level(
                         exhausted = True
                 quarantine.flush(conn)
 
-    def source_records() -> Iterator[object]:
+    def source_records() -> Iterator[tuple[object, StagedRecord | RecordRejected]]:
         for page in read_ahead(pages):
             counts.pages += 1
-            counts.records += len(page)
-            yield from page
+            counts.records += len(page.items)
+            # parse_page answers once per item, in page order: zip pairs each with its raw item.
+            yield from zip(page.items, parser.parse_page(level, page), strict=True)
 
     if retry_quarantine:
         # Before the source's pages, so that what this pull quarantines is not retried at once.
@@ -298,7 +306,7 @@ def pull_level(
         while chunk := _open_quarantine_chunk(conn, source, level, after=last):
             last = chunk[-1][0]
             counts.quarantine_retried += len(chunk)
-            stage(iter([payload for _, payload in chunk]), from_quarantine=True)
+            stage(_parse_each(parser, level, [payload for _, payload in chunk]), from_quarantine=True)
     stage(source_records(), from_quarantine=False)
     counts.seconds = time.monotonic() - started
     log.info(

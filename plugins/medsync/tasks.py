@@ -8,7 +8,6 @@ moves only through A's database; every function is safe to re-run.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -21,6 +20,8 @@ from psycopg.types.json import Jsonb
 from medsync.config import LEVELS, SourceConfig, get_source_config
 from medsync.errors import MedsyncError
 from medsync.mapping import load_mapping
+from medsync.sources import open_source
+from medsync.sources.base import Buckets, RecordParser
 from medsync.windows import RunFacts, Window, advances_watermark, plan_window, sync_kind
 
 log = logging.getLogger(__name__)
@@ -49,18 +50,13 @@ def connect_a(cfg: SourceConfig) -> psycopg.Connection:
     return ADatabaseHook(cfg.connections.db_conn_id).get_conn()
 
 
-def source_client(cfg: SourceConfig) -> Any:
-    from medsync.hooks.source_api import SourceApiHook
+def buckets(cfg: SourceConfig, variable: Callable[[str], str | None] = get_variable) -> Buckets:
+    """The source's buckets in this environment (Variables override the config)."""
+    return Buckets(cfg.storage.resolve_bucket(variable), cfg.storage.resolve_allowed_buckets(variable))
 
-    return SourceApiHook.from_source_config(cfg).get_conn()
 
-
-def record_parser(cfg: SourceConfig, variable: Callable[[str], str | None] = get_variable) -> Any:
-    from medsync.sources import get_protocol
-
-    # The protocol package imports nothing heavy (DAG parse time): its parser lives in ``.records``.
-    records = importlib.import_module(f"{get_protocol(cfg.protocol).__name__}.records")
-    return records.RecordParser(load_mapping(cfg.mapping_path), cfg.storage.resolve_bucket(variable))
+def record_parser(cfg: SourceConfig, variable: Callable[[str], str | None] = get_variable) -> RecordParser:
+    return open_source(cfg).parser(load_mapping(cfg.mapping_path), buckets(cfg, variable))
 
 
 def prepare(source: str, *, dag_run_id: str, facts: RunFacts) -> dict[str, Any]:
@@ -126,20 +122,17 @@ def level_window(conn: psycopg.Connection, run_id: int, level: str) -> Window:
 def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int = 1) -> dict[str, Any]:
     """Streams one level (one time slice of it) from the source into this run's staging table."""
     from medsync import staging
-    from medsync.sources import get_protocol
 
     cfg = get_source_config(source)
-    resource = get_protocol(cfg.protocol).RESOURCES[level]
     parser = record_parser(cfg)
-    client = source_client(cfg)
-    with connect_a(cfg) as conn:
+    with open_source(cfg).connect() as client, connect_a(cfg) as conn:
         window = staging.window_slice(level_window(conn, run_id, level), slices, slice_index)
         counts = staging.pull_level(
             conn,
             source=source,
             level=level,
             run_id=run_id,
-            pages=client.iter_pages(resource, window.since, window.until, page_size=cfg.page_size),
+            pages=client.iter_pages(level, window.since, window.until),
             parser=parser,
             slice_index=slice_index,
             retry_quarantine=slice_index == 0,
@@ -158,11 +151,13 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
     from medsync.merge import merge_level
 
     cfg = get_source_config(source)
+    parent_lookup = open_source(cfg).parent_link(level).column if level != LEVELS[0] else "source_key"
     with connect_a(cfg) as conn:
         counts = merge_level(
             conn,
             source=source,
             level=level,
+            parent_lookup=parent_lookup,
             run_id=run_id,
             batch_size=cfg.merge_batch_size,
             lock_timeout_seconds=cfg.lock_timeout_seconds,
@@ -180,15 +175,12 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
 def report(source: str, run_id: int) -> dict[str, Any]:
     """Compares A with the source's counts and records the run's figures; fails an unexplained full refresh."""
     from medsync.report import COLUMNS, build_report, check_full_refresh, format_report
-    from medsync.sources import get_protocol
 
     cfg = get_source_config(source)
-    client = source_client(cfg)
-    with connect_a(cfg) as conn:
+    with open_source(cfg).connect() as client, connect_a(cfg) as conn:
         result = build_report(
             conn,
             client,
-            get_protocol(cfg.protocol).RESOURCES,
             source,
             run_id,
             lock_timeout_seconds=cfg.lock_timeout_seconds,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any, NoReturn
 
@@ -19,25 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 
 from medsync.errors import MappingError
 from medsync.mapping import Mapping, UnknownValue
-
-
-class RecordRejected(ValueError):
-    """The record cannot be stored as it is; ``reason`` says why (no record contents)."""
-
-    def __init__(self, reason: str, source_key: str, updated_at: datetime | None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.source_key = source_key
-        self.updated_at = updated_at
-
-
-@dataclass(frozen=True, slots=True)
-class StagedRecord:
-    source_key: str
-    updated_at: datetime
-    deleted: bool
-    values: tuple[Any, ...]
-    """In ``medsync.levels.staged_columns(level)`` order; all None for a tombstone."""
+from medsync.sources.base import RecordRejected, StagedRecord
 
 
 def _rfc3339(value: object) -> datetime:

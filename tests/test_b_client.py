@@ -24,7 +24,7 @@ import pytest
 
 from medsync.config import SourceConfig
 from medsync.errors import ConfigError, SourceApiError, SourceUnavailableError
-from medsync.sources import get_protocol
+from medsync.sources import api_model, known_protocols
 from medsync.sources.b_rest.client import BApiClient, TokenBucket
 
 API_KEY = "sk-test-Zq8VwQ3xLp"
@@ -461,10 +461,10 @@ def test_key_and_record_contents_never_reach_logs_or_stdout(
 
 
 def test_protocol_registry() -> None:
-    protocol = get_protocol("b_rest")
-    assert protocol.RESOURCES == {"subject": "patients", "study": "studies", "sequence": "series", "instance": "images"}
+    assert "b_rest" in known_protocols()
+    assert api_model("b_rest").model_validate({}) is not None
     with pytest.raises(ConfigError, match="unknown source protocol"):
-        get_protocol("dicomweb_nope")
+        api_model("dicomweb_nope")
 
 
 # --- the Airflow hook -------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class _QuietAdapter(HTTPAdapter):
         _quieten(self.poolmanager)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.PoolManager:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager: urllib3.PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
         _quieten(manager)
         return manager
 
@@ -539,7 +539,7 @@ class BApiClient:
 
     def _backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based): half fixed, half random."""
-        ceiling = min(self._max_backoff, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
+        ceiling = min(self._max_backoff, BACKOFF_BASE_SECONDS * 2.0 ** (attempt - 1))
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
     def _get_json(

@@ -282,7 +282,7 @@ class RecordParser:
 
     def _mapped(self, level: str, record: BaseModel) -> dict[str, str | None]:
         fields = self._mapped_fields[level]
-        return self.mapping.apply(level, record.model_dump(include=fields)) if fields else {}
+        return self.mapping.apply(level, record.model_dump(include=set(fields))) if fields else {}
 
     def _subject_values(self, record: Patient) -> tuple[Any, ...]:
         mrn = _clean(record.mrn)

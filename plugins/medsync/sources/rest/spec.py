@@ -50,6 +50,7 @@ Converter = Literal[
     "relative_key",
     "config_bucket",
     "allowed_bucket",
+    "uuid_text",
 ]
 """The documented converters (``medsync.sources.rest.converters``)."""
 
@@ -127,9 +128,11 @@ class KeySpec(_Spec):
     """Where a record's source key is (``source_key`` in A)."""
 
     path: JsonPath
-    """The key's path in the record; a string or an integer (made text)."""
+    """The key's path in the record: a non-empty string (anything else holds the record back)."""
     format: Literal["uuid"] | None = None
     """``uuid``: must be lower-case UUID text (36 characters), else the record is held back."""
+    max_length: int | None = Field(default=None, ge=1)
+    """The longest key the source's contract allows; a longer one holds the record back."""
 
 
 class VersionSpec(_Spec):
@@ -326,12 +329,22 @@ class FieldSpec(_Spec):
     convert: str | None = None
     """A converter (``medsync.sources.rest.converters``: rfc3339, epoch_seconds, epoch_millis,
     iso_date, dicom_da, pn_comma, pn_parts, int_string, absolute_key, relative_key, config_bucket,
-    allowed_bucket), or ``python: module.path:function`` (importable from ``plugins/``; called with
+    allowed_bucket, uuid_text), or ``python: module.path:function`` (importable from ``plugins/``; called with
     the raw value; raises ValueError to hold the record back)."""
     family: JsonPath | None = None
     """``pn_parts``: the family name's path."""
     given: JsonPath | None = None
     """``pn_parts``: the given name's path."""
+    format: Literal["uuid"] | None = None
+    """``uuid``: the text must be lower-case UUID text, else the record is held back."""
+    minimum: int | None = None
+    """``type: integer``: the smallest value allowed (e.g. 0 for a size); a smaller one holds the record back."""
+
+    @property
+    def python(self) -> str | None:
+        """``module.path:function`` of a ``python:`` converter; None for the documented ones."""
+        match = PYTHON_CONVERTER.match(self.convert or "")
+        return f"{match[1]}:{match[2]}" if match else None
 
     @field_validator("convert")
     @classmethod
@@ -357,6 +370,10 @@ class FieldSpec(_Spec):
                 raise _invalid(f"{self.convert} reads nothing from the record: no path or required")
         elif self.path is None:
             raise _invalid("path is required" + (f" by {self.convert}" if self.convert else ""))
+        if self.minimum is not None and (self.type != "integer" or self.convert is not None):
+            raise _invalid("minimum is for type: integer without a converter")
+        if self.format is not None and (self.type != "string" or self.convert is not None):
+            raise _invalid("format is for type: string without a converter")
         if self.convert is not None and self.type != "string":
             raise _invalid("type is the raw value's type without a converter; a converter decides its own")
         return self

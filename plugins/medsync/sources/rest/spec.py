@@ -15,7 +15,7 @@ Imported while DAG files are parsed: pydantic and the standard library only.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -564,6 +564,21 @@ class RestApi(_Spec):
         levels: _LevelsModel
     """Exactly A's four levels: subject, study, sequence, instance."""
 
+    @model_validator(mode="after")
+    def _paging_reads_an_object(self) -> RestApi:
+        # A cursor, a next link or a total is read from the body, so the body cannot be the bare array.
+        if _reads_body(self.paging):
+            bare = [level for level in LEVELS if self.level_records_path(level) is None]
+            if bare:
+                raise _invalid(
+                    f"paging {self.paging.type} reads the body, so the records are in it: records_path is "
+                    f"needed (none for {', '.join(bare)})"
+                )
+        feed = self.deletions
+        if isinstance(feed, FeedDeletions) and _reads_body(feed.paging or self.paging) and not self.feed_records_path():
+            raise _invalid("deletions: the feed's paging reads the body, so its records_path is needed")
+        return self
+
     # --- resolved settings (defaults filled in), for the client and the parser ----------------------
 
     def level_records_path(self, level: str) -> str | None:
@@ -583,7 +598,15 @@ class RestApi(_Spec):
         return feed.records_path if "records_path" in feed.model_fields_set else self.records_path
 
 
-def _check_level_keys(value: dict[str, object], what: str) -> None:
+def _reads_body(paging: CursorPaging | NextLinkPaging | LinkHeaderPaging | OffsetPaging | PageNumberPaging) -> bool:
+    return (
+        isinstance(paging, CursorPaging | NextLinkPaging)
+        or (isinstance(paging, OffsetPaging) and paging.total_path is not None)
+        or (isinstance(paging, PageNumberPaging) and paging.total_pages_path is not None)
+    )
+
+
+def _check_level_keys(value: Mapping[str, object], what: str) -> None:
     missing = [level for level in LEVELS if level not in value]
     unknown = [key for key in value if key not in LEVELS]
     if missing or unknown:

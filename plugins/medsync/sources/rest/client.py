@@ -367,6 +367,7 @@ class RestClient(SourceClient):
         self._clock = clock
         self._now = now
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._own_rate = rate_limit_per_second if limiter is None else None
         if limiter is None and rate_limit_per_second is not None:
             limiter = TokenBucket(rate_limit_per_second, clock=clock, sleep=sleep)
         self._limiter = limiter
@@ -522,7 +523,7 @@ class RestClient(SourceClient):
     @property
     def rate_limit_per_second(self) -> float | None:
         """The own token bucket's rate; None without a limit or with a limiter from outside."""
-        return self._limiter.rate if isinstance(self._limiter, TokenBucket) else None
+        return float(self._own_rate) if self._own_rate is not None else None
 
     def close(self) -> None:
         """Closes the session if the client made it."""

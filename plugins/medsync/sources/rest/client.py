@@ -133,7 +133,7 @@ class _QuietAdapter(HTTPAdapter):
         _quieten(self.poolmanager)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.PoolManager:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager: urllib3.PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
         _quieten(manager)
         return manager
 
@@ -435,17 +435,20 @@ class RestClient(SourceClient):
         version_path: str,
         version_format: TimeFormat,
     ) -> _Listing:
+        next_path: str | None
         if isinstance(paging, OffsetPaging):
             page_size_param: str | None = paging.limit_param
             next_path = paging.total_path
         else:
             page_size_param = paging.page_size_param
-            next_path = {
-                CursorPaging: lambda p: p.cursor_path,
-                NextLinkPaging: lambda p: p.next_path,
-                PageNumberPaging: lambda p: p.total_pages_path,
-                LinkHeaderPaging: lambda p: None,
-            }[type(paging)](paging)
+            if isinstance(paging, CursorPaging):
+                next_path = paging.cursor_path
+            elif isinstance(paging, NextLinkPaging):
+                next_path = paging.next_path
+            elif isinstance(paging, PageNumberPaging):
+                next_path = paging.total_pages_path
+            else:
+                next_path = None  # a Link header: nothing to read from the body
         return _Listing(
             label=label,
             url=self._base_url + endpoint,
@@ -802,7 +805,7 @@ class RestClient(SourceClient):
         if isinstance(failure, _TransientError) and failure.retry_after is not None:
             return min(failure.retry_after, self._max_backoff)
         # Half fixed, half random: clients that failed together do not retry together.
-        ceiling = min(self._max_backoff, BACKOFF_BASE_SECONDS * 2 ** (state.attempt_number - 1))
+        ceiling = min(self._max_backoff, BACKOFF_BASE_SECONDS * 2.0 ** (state.attempt_number - 1))
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
     def _before_sleep(self, state: tenacity.RetryCallState) -> None:

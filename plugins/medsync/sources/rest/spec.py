@@ -516,7 +516,7 @@ def _level_model(level: str) -> type[LevelApi]:
         __doc__=f"The columns of {level}: {', '.join(c.name for c in columns)}.",
         **{c.name: (Annotated[FieldSpec | None, AfterValidator(_column_check(c))], None) for c in columns},
     )
-    model: type[LevelApi] = create_model(  # type: ignore[call-overload]
+    model: type[LevelApi] = create_model(
         f"{level.title()}Api",
         __base__=LevelApi,
         __doc__=f"The {level} level's list endpoint and fields.",

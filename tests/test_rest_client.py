@@ -267,6 +267,14 @@ def test_window_arguments_are_checked_before_any_request(stub: Stub, fake: FakeT
     assert stub.requests == []
 
 
+def test_a_listing_of_the_whole_time_line_still_sends_both_bounds(stub: Stub, fake: FakeTime) -> None:
+    stub.script = [page([rec(1)], None)]
+    with make_client(stub, fake) as client:
+        assert len(list(client.iter_listing("subject"))) == 1
+    assert stub.requests[0].query["updated_since"] == "0001-01-01T00:00:00.000000Z"
+    assert stub.requests[0].query["updated_before"] == "9999-12-31T23:59:59.999999Z"
+
+
 def test_expired_cursor_resumes_from_last_updated_at_received(stub: Stub, fake: FakeTime) -> None:
     stub.script = [
         page([rec(1, "2026-11-19T08:00:00+09:00"), rec(2, "2026-11-19T09:30:00.25+09:00")], "c1"),

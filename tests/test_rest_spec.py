@@ -65,6 +65,13 @@ def test_bs_whole_config_opens_as_a_rest_source() -> None:
     assert source.has_counts and source.max_page_size == 1000
 
 
+def test_cs_whole_config_opens_as_a_rest_source() -> None:
+    source = open_source(get_source_config("c"))
+    assert source.parent_link("instance") == ParentLink()  # by the acquisition's uuid
+    assert source.deletion_mode("subject") == DeletionMode.FEED
+    assert source.has_counts and source.max_page_size == 500
+
+
 def test_cs_section_validates_and_reads_like_the_contract() -> None:
     api = validate_api("rest", c_api(), WHERE)
     assert isinstance(api, RestApi)

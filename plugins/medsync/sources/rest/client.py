@@ -174,7 +174,8 @@ def format_moment(moment: datetime, form: TimeFormat, *, round_up: bool = False)
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("a naive datetime is ambiguous; pass an aware one (e.g. tzinfo=UTC)")
     if form == "rfc3339":
-        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        # isoformat, not strftime: glibc's %Y does not pad year 1 (the start of a whole-time-line listing).
+        return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     unit = _UNITS[form]
     return str(-((_EPOCH - moment) // unit) if round_up else (moment - _EPOCH) // unit)
 

@@ -109,8 +109,9 @@ class Limits(_Spec):
     max_page_size: int | None = Field(default=None, ge=1)
     """The largest page the source serves; the config's ``page_size`` is checked against it."""
     retry_after: Literal["seconds", "http_date"] = "seconds"
-    """The form of ``Retry-After`` on 429/503: integer seconds, or an IMF-fixdate HTTP date that is
-    judged against the response's own ``Date`` header (so clocks need not agree)."""
+    """The form of ``Retry-After`` on 429/503 the source documents: integer seconds, or an IMF-fixdate
+    HTTP date, judged against the response's own ``Date`` header (so clocks need not agree). The
+    client understands both (RFC 9110 allows either); the wait is capped at ``max_backoff_seconds``."""
     retry_statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
     """Statuses retried with backoff (429 and 503 honour ``Retry-After``). Dropped connections and
     timeouts are always retried."""
@@ -161,7 +162,10 @@ class WindowSpec(_Spec):
 
 
 class CursorPaging(_Spec):
-    """The body carries an opaque cursor for the next page; null, missing or empty on the last."""
+    """The body carries an opaque cursor (a string) for the next page; null or empty on the last.
+
+    A body without the cursor's key is not a page of this API: the pull fails.
+    """
 
     type: Literal["cursor"]
     cursor_param: QueryParam

@@ -945,3 +945,36 @@ def test_hook_says_where_the_secret_goes() -> None:
     assert "API key" in behaviour["relabeling"]["password"] and "token" in behaviour["relabeling"]["password"]
     assert "basic" in behaviour["relabeling"]["login"]
     assert (RestSourceHook.conn_type, RestSourceHook.conn_name_attr) == ("http", "api_conn_id")
+
+
+# --- against B's simulator (the contract's reference implementation) --------------------------------
+
+
+def test_every_level_is_read_whole_from_bs_simulator_through_its_faults(fake: FakeTime) -> None:
+    from simulator import BSimulator, SimConfig
+
+    resources = {"subject": "patients", "study": "studies", "sequence": "series", "instance": "images"}
+    config = SimConfig(
+        seed=5, patients=6, studies_per_patient=2, series_per_study=2, images_per_series=4, clock="manual"
+    )
+    with BSimulator(config, api_key=API_KEY) as sim:
+        sim.set_faults(throttle_every=5, error_every=7, drop_every=11, expire_every=3, max_faults=60)
+        with RestClient(
+            sim.base_url,
+            B_API,
+            API_KEY,
+            page_size=7,
+            timeout=5.0,
+            max_attempts=6,
+            max_backoff_seconds=1.0,
+            sleep=fake.sleep,
+            clock=fake.clock,
+            name="b",
+        ) as client:
+            for level, resource in resources.items():
+                got = {r["id"] for p in client.iter_listing(level) for r in p.items}
+                assert got == {r["id"] for r in sim.live_records(resource)}, level
+            counts = client.counts()
+        faults = sim.stats()["faults"]
+    assert counts == {"subject": 6, "study": 12, "sequence": 24, "instance": 96}
+    assert faults["expire"] > 0 and faults["throttle"] > 0 and faults["error"] > 0 and faults["drop"] > 0

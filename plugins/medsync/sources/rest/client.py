@@ -745,7 +745,11 @@ class RestClient(SourceClient):
 
     def _followed(self, url: str, what: str) -> str:
         """``url`` if it is on the base URL's host: the secret is only ever sent there."""
-        if self._origin_of(url) != self._origin:
+        try:
+            origin = self._origin_of(url)
+        except ValueError:  # a port that is not a number
+            origin = None
+        if origin != self._origin:
             raise SourceApiError(
                 f"{what}: the next page's link points to another host or scheme, not followed "
                 f"(the secret is only sent to the configured base URL)"

@@ -341,14 +341,15 @@ def test_a_page_that_is_not_the_contracts_shape_fails(stub: Stub, fake: FakeTime
 
 
 def test_5xx_is_retried_with_growing_jittered_backoff(stub: Stub, fake: FakeTime) -> None:
-    stub.script = [error(503, "unavailable"), error(500, "internal"), page([rec(1)], None)]
+    stub.script = [error(503, "unavailable"), error(500, "internal"), error(501, "x"), page([rec(1)], None)]
     with make_client(stub, fake) as client:
         pages = list(client.iter_pages("sequence", SINCE, UNTIL))
     assert len(pages) == 1
-    assert len(stub.requests) == 3
-    assert len(fake.sleeps) == 2
+    assert len(stub.requests) == 4  # every 5xx is transient (B's contract)
+    assert len(fake.sleeps) == 3
     assert 0.5 <= fake.sleeps[0] <= 1.0
     assert 1.0 <= fake.sleeps[1] <= 2.0
+    assert 2.0 <= fake.sleeps[2] <= 4.0
 
 
 def test_dropped_connection_is_retried(stub: Stub, fake: FakeTime) -> None:

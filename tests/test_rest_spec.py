@@ -229,7 +229,7 @@ def _drop(mapping: dict[str, Any], key: str) -> None:
         (lambda s: _drop(s["expired"], "code_path"), "api.expired: code_path and code go together"),
         (
             lambda s: s["limits"].update(retry_statuses=[401, 503]),
-            "api.limits.retry_statuses: only 4xx/5xx statuses other than 401/403 can be retried",
+            "api.limits.retry_statuses: only 4xx/5xx statuses other than 401/403 (or 5xx) can be retried",
         ),
         (
             lambda s: s.update(paging={"type": "cursor", "cursor_param": "c", "cursor_path": "next"}),
@@ -243,6 +243,16 @@ def test_cross_field_rules(mutate: Callable[[dict[str, Any]], None], expected: s
     section = c_api()
     mutate(section)
     assert expected in refused(section)
+
+
+def test_retry_statuses_default_to_429_and_every_5xx() -> None:
+    api = validate_api("rest", b_api(), WHERE)
+    assert isinstance(api, RestApi)
+    assert api.limits.retried == frozenset({429, *range(500, 600)})
+    section = b_api()
+    section["limits"]["retry_statuses"] = [429, 503, 409]
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.limits.retried == frozenset({429, 503, 409})
 
 
 def test_a_level_may_override_the_records_path() -> None:

@@ -306,7 +306,7 @@ class RestClient(SourceClient):
     None: no limit). Threads may share a limiter, not a client.
 
     Each request is tried at most ``max_attempts`` times. ``api.limits.retry_statuses`` (default
-    429 and 5xx but 501), connection errors, dropped connections and timeouts are retried after an
+    429 and every 5xx), connection errors, dropped connections and timeouts are retried after an
     exponential backoff with jitter (0.5-1 s, 1-2 s, 2-4 s, ... never more than
     ``max_backoff_seconds``); a 429 or 503 with ``Retry-After`` waits that long instead (capped at
     ``max_backoff_seconds``) and counts as an attempt. Past the budget the client raises
@@ -363,7 +363,7 @@ class RestClient(SourceClient):
         self._timeout = (min(float(timeout), MAX_CONNECT_TIMEOUT_SECONDS), float(timeout))
         self._max_attempts = int(max_attempts)
         self._max_backoff = float(max_backoff_seconds)
-        self._retry_statuses = frozenset(api.limits.retry_statuses)
+        self._retry_statuses = api.limits.retried
         self._sleep = sleep
         self._clock = clock
         self._now = now

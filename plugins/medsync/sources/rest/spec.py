@@ -112,17 +112,24 @@ class Limits(_Spec):
     """The form of ``Retry-After`` on 429/503 the source documents: integer seconds, or an IMF-fixdate
     HTTP date, judged against the response's own ``Date`` header (so clocks need not agree). The
     client understands both (RFC 9110 allows either); the wait is capped at ``max_backoff_seconds``."""
-    retry_statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
-    """Statuses retried with backoff (429 and 503 honour ``Retry-After``). Dropped connections and
-    timeouts are always retried."""
+    retry_statuses: tuple[int | Literal["5xx"], ...] = (429, "5xx")
+    """Statuses retried with backoff (429 and 503 honour ``Retry-After``); ``5xx`` stands for every
+    500-599. Default: 429 and every 5xx (B's and C's contracts). Dropped connections and timeouts
+    are always retried."""
 
     @field_validator("retry_statuses")
     @classmethod
-    def _statuses_are_errors(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        bad = [s for s in value if not 400 <= s <= 599 or s in (401, 403)]
+    def _statuses_are_errors(cls, value: tuple[int | str, ...]) -> tuple[int | str, ...]:
+        bad = [s for s in value if s != "5xx" and (not isinstance(s, int) or not 400 <= s <= 599 or s in (401, 403))]
         if bad:
-            raise _invalid(f"only 4xx/5xx statuses other than 401/403 can be retried, got {bad}")
+            raise _invalid(f"only 4xx/5xx statuses other than 401/403 (or 5xx) can be retried, got {bad}")
         return value
+
+    @property
+    def retried(self) -> frozenset[int]:
+        """Every status retried, ``5xx`` spelled out."""
+        statuses = {s for s in self.retry_statuses if isinstance(s, int)}
+        return frozenset(statuses | (set(range(500, 600)) if "5xx" in self.retry_statuses else set()))
 
 
 class KeySpec(_Spec):

@@ -4,9 +4,10 @@
 the spec (``RestApi``), the mapping file (``Mapping``) and the resolved buckets into, per level, a
 tuple of small closures over plain dict lookups: a good record costs one closure call per A column
 and no pydantic at all. A record any closure refuses is parsed again by the *explaining* path
-(:meth:`RestRecordParser._explained`), which applies the same rules in the phases below and is the
-only place reasons are made. Both paths use the same building blocks, so they cannot disagree on
-whether a record is stored, only the explaining one says why not.
+(``_LevelParser.explained``), which applies the same rules in the phases below and is the only
+place reasons are made (held-back records are rare, so its cost does not matter). The two are
+compiled from the same spec and ``tests/test_records_fast_path.py`` holds them to the same result
+on every record.
 
 A live record is judged in phases; the first phase with a problem holds it back, with its reason:
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -705,7 +706,3 @@ class RestRecordParser:
             return parser.fast(raw)
         except (_Refused, ValueError, KeyError, TypeError):
             return parser.explained(raw)
-
-    def parse_all(self, level: str, items: Iterable[object]) -> list[StagedRecord | RecordRejected]:
-        """``parse_page`` of a list of records (tests, benchmarks)."""
-        return list(self.parse_page(level, RawPage(list(items))))

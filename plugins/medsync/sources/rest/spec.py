@@ -9,7 +9,9 @@ columns, a feed naming every level's resource) are checked here, so a config err
 Paths into JSON (``path``, ``records_path``, ``cursor_path``, ...) are dotted: ``object.bucket``
 is ``record["object"]["bucket"]``.
 
-Imported while DAG files are parsed: pydantic and the standard library only.
+Imported while DAG files are parsed: pydantic, the standard library and medsync's own light
+``config``/``levels`` only. (Field docstrings are not turned into schema descriptions:
+pydantic's ``use_attribute_docstrings`` reads the source at import, 0.1 s more per parse.)
 """
 
 from __future__ import annotations

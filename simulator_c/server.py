@@ -120,8 +120,12 @@ class CSimulator(Catalogue):
         return self.api.set_faults(config, **fields)
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start/reset: ``requests``, ``responses`` by status, ``faults`` by kind,
-        ``pages``, ``records``, ``snapshots_issued``, ``peak_requests_per_second``..."""
+        """Counters since start/reset: ``requests`` (API, admin excluded), ``authorized`` (past
+        401/403), ``responses`` by status, ``faults`` by kind (drop, gateway, internal,
+        unavailable, throttle, slow, expire, rate_limit), ``pages``, ``records``,
+        ``snapshots_issued``, ``snapshots_gone`` (410 by age/unknown), ``endpoints``,
+        ``peak_requests_per_second`` (most accepted requests of one token in any one second) and
+        ``requests_per_second`` ({wall-clock epoch second: accepted requests}, last 120 s)."""
         return self.api.stats()
 
     def reset_stats(self) -> None:

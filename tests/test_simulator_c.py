@@ -411,6 +411,21 @@ def test_snapshot_pages_match_brute_force_over_random_windows(seed: int) -> None
         assert [r for p in sorted(got) for r in got[p]] == want
 
 
+def test_far_pages_are_found_by_counting_and_match_the_listing() -> None:
+    cfg = manual(participants=40, files_per_acquisition=20, shared_modified_fraction=0.7, history_seconds=60.0)
+    cat = Catalogue(cfg)
+    cat.advance(1)
+    cat.mutate_fraction(0.1, seed=9)
+    lo = list(cat.live_records("files"))[150]["modified"]
+    snap = cat.pin("files", lo, None)
+    cat.mutate_fraction(0.1, seed=10)  # after pinning: must not show
+    want = [r for r in cat.records("files", view=snap.view) if r["modified"] >= lo]
+    assert snap.total == len(want) > 2500
+    pages = list(range(len(want) // 90 + 2, 0, -1))
+    got = {p: cat.page(snap, p, 90) for p in pages}  # last first: no known page end before any of them
+    assert [r for p in sorted(got) for r in got[p]] == want
+
+
 def test_snapshot_expires_after_its_lifetime_on_the_simulator_clock(sim: CSimulator, http: requests.Session) -> None:
     first = http.get(f"{sim.base_url}/visits", params={"page_size": 5})
     nxt = first.links["next"]["url"]

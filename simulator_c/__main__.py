@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--history-days", type=float, default=30.0)
     p.add_argument("--plain", action="store_true", help="no awkward text, NULs or nulls")
     p.add_argument("--invalid-fraction", type=float)
+    p.add_argument("--late-parent-fraction", type=float, help="parents changed after their children")
+    p.add_argument("--deleted-fraction", type=float, help="records deleted during the history")
     p.add_argument("--commit-delay", type=float, help="seconds before a change is visible")
     p.add_argument("--rate-limit", type=int, default=10, help="requests/s per token (default 10, as C)")
     p.add_argument("--no-rate-limit", action="store_true")
@@ -56,8 +58,9 @@ def _build(args: argparse.Namespace) -> CSimulator:
         "clock": args.clock,
         "history_seconds": args.history_days * 86400,
     }
-    if args.invalid_fraction is not None:
-        cfg["invalid_fraction"] = args.invalid_fraction
+    for name in ("invalid_fraction", "late_parent_fraction", "deleted_fraction"):
+        if getattr(args, name) is not None:
+            cfg[name] = getattr(args, name)
     if args.commit_delay is not None:
         cfg["commit_delay_seconds"] = args.commit_delay
     if args.config_json:

@@ -87,6 +87,16 @@ class SimConfig:
     """Files stored in ``c-archive-eu-2`` rather than ``c-archive-eu-1`` (per file, so mixed
     within an acquisition)."""
 
+    late_parent_fraction: float = 0.0
+    """Fraction of participants, visits and acquisitions changed once more late in the history
+    (``late_parent_delay_seconds`` after their first ``modified``, capped below ``base_time``),
+    so that their children lie in earlier windows than they do (C's lists are independent)."""
+    late_parent_delay_seconds: float = 86400.0
+    deleted_fraction: float = 0.0
+    """Fraction of the records of every resource deleted during the history (one deletion item
+    each, before ``base_time``; children stay live, pointing at a deleted parent). These and
+    the late parents are stored as changes, so they cost memory per record."""
+
     invalid_fraction: float = 0.0
     """Records with a defect A must hold back (``DEFECT_KINDS``)."""
     invalid_kinds: tuple[str, ...] | None = None
@@ -109,6 +119,9 @@ class SimConfig:
             raise ValueError("snapshot_ttl_seconds must be > 0 and max_snapshots >= 1")
         if self.commit_delay_seconds < 0:
             raise ValueError("commit_delay_seconds must be >= 0")
+        for name in ("late_parent_fraction", "deleted_fraction", "invalid_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be within [0, 1]")
         if self.total_files >= 1 << 40:
             raise ValueError("at most 2**40 files")
         known = {k for r in RESOURCES for k in kinds_of(r)}

@@ -270,6 +270,37 @@ class Catalogue:
         self._clock_offset = 0
         self._manual_now = self.base_ms
         self._last_now = 0
+        self._apply_history()
+
+    def _apply_history(self) -> None:
+        """Late parents and deletions during the history (config), as changes before base_time.
+
+        Every ``period``-th record of a level is picked, so only the picked ones are visited.
+        """
+        c = self.config
+        cap = self.base_ms - 1
+        plans = (
+            ("late", c.late_parent_fraction, (0, 1, 2)),
+            ("delete", c.deleted_fraction, (0, 1, 2, 3)),
+        )
+        for kind, fraction, levels in plans:
+            if fraction <= 0:
+                continue
+            period = max(1, round(1 / fraction))
+            for level in levels:
+                salt = self._levels[level].salt
+                for idx in range((salt >> (7 if kind == "late" else 11)) % period, self._n[level], period):
+                    uuid = self.uuids.encode(level, idx)
+                    found = self._require(level, uuid)
+                    if found[2] is None or found[1] >= cap:
+                        continue
+                    if kind == "late":
+                        t = min(found[1] + round(c.late_parent_delay_seconds * 1000), cap)
+                        rec: dict[str, Any] | None = found[2]
+                    else:
+                        t = found[1] + 1 + mix(salt ^ idx ^ 0xDE1) % max(1, cap - found[1])
+                        rec = None
+                    self._put(level, idx, uuid, rec, found, min(t, cap), self._defect_of(level, found))
 
     def reset(self) -> None:
         """Forget every change and snapshot, rewind the clock: the catalogue is as constructed."""

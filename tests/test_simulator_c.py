@@ -184,7 +184,10 @@ def test_openapi_copy_is_the_contract() -> None:
 
 
 def test_every_response_conforms_to_openapi(contract: Contract, http: requests.Session) -> None:
-    cfg = manual(**SMALL, awkward_fraction=0.6, null_fraction=0.4, nul_fraction=0.2, invalid_fraction=0.4)
+    cfg = manual(
+        **SMALL, awkward_fraction=0.6, null_fraction=0.4, nul_fraction=0.2, invalid_fraction=0.4,
+        deleted_fraction=0.05, late_parent_fraction=0.1,
+    )  # fmt: skip
     with CSimulator(cfg, token=TOKEN, tokens={NO_READ: ()}, faults=NO_LIMIT) as s:
         s.advance(10)
         s.mutate_fraction(0.3, seed=1)
@@ -375,7 +378,10 @@ def test_concurrent_mutations_never_cause_gaps_or_overlaps(http: requests.Sessio
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_snapshot_pages_match_brute_force_over_random_windows(seed: int) -> None:
-    cfg = manual(**SMALL, seed=seed, shared_modified_fraction=0.6, history_seconds=20.0)
+    cfg = manual(
+        **SMALL, seed=seed, shared_modified_fraction=0.6, history_seconds=20.0, deleted_fraction=0.1,
+        late_parent_fraction=0.2, late_parent_delay_seconds=5,
+    )  # fmt: skip
     cat = Catalogue(cfg)
     rng = random.Random(seed)
     kept: list[tuple[Any, list[dict[str, Any]]]] = []
@@ -654,6 +660,30 @@ def test_commit_delay_makes_changes_visible_late(http: requests.Session) -> None
         assert s.counts()["files"] == s.config.total_files - 1
         rest, _ = follow(http, pinned.links["next"]["url"])
         assert changed not in pinned.json() + rest  # the snapshot pinned before the commit
+
+
+def test_history_holds_late_parents_and_deletions() -> None:
+    def children_before_parents(cat: Catalogue) -> int:
+        t = {r["uuid"]: r["modified"] for res in RESOURCES for r in cat.live_records(res)}
+        links = [("visits", "participant"), ("acquisitions", "visit"), ("files", "acquisition")]
+        return sum(t[r["uuid"]] < t[r[link]] for res, link in links for r in cat.live_records(res) if r[link] in t)
+
+    assert children_before_parents(Catalogue(manual(**SMALL))) == 0  # the base layout: parents first
+    cat = Catalogue(manual(**SMALL, late_parent_fraction=0.25, deleted_fraction=0.1))
+    assert children_before_parents(cat) > 5
+    items = cat.deletions()
+    assert {d["resource"] for d in items} == set(RESOURCES) and all(d["deleted"] < BASE_MS for d in items)
+    gone = {d["uuid"] for d in items}
+    counts = cat.counts()
+    for resource, n in zip(RESOURCES, cat.config.sizes, strict=True):
+        live = {r["uuid"] for r in cat.live_records(resource)}
+        assert not live & gone and counts[resource] == len(live) == n - sum(d["resource"] == resource for d in items)
+    # Children of a parent deleted in the history are still live and point at it (C publishes nothing for them).
+    assert any(a["visit"] in gone for a in cat.live_records("acquisitions"))
+    back = cat.restore("files", next(d["uuid"] for d in items if d["resource"] == "files"))
+    assert back is not None and back["modified"] >= BASE_MS
+    cat.reset()
+    assert cat.deletions() == items
 
 
 # ---------------------------------------------------------------------- stats, defects, determinism

@@ -340,13 +340,13 @@ class Api:
         records = cat.page(snap, page, size)
         has_next = page * size < snap.total
         f = self._faults
-        if has_next and snap.number == 0:
-            number = cat.issue(snap)
-            with self._lock:
+        number = cat.issue(snap) if has_next and snap.number == 0 else 0
+        with self._lock:
+            if number:
                 self._stats.snapshots_issued += 1
                 if f.expire_every and number % f.expire_every == 0 and self._budget_left():
                     snap.expire_after_pages = f.expire_after_pages
-        snap.pages_served += 1
+            snap.pages_served += 1
         extra: list[tuple[str, str]] = [("X-Total-Count", str(snap.total))]
         if has_next:
             params: dict[str, Any] = {}

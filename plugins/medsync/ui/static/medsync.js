@@ -26,6 +26,11 @@ function when(iso) {
   return d.toISOString().slice(0, 16).replace("T", " ") + " UTC";
 }
 
+function since(iso) {
+  // A full refresh syncs from the beginning (medsync.windows.BEGINNING, 1970).
+  return iso && iso.startsWith("1970-01-01") ? "the beginning" : when(iso);
+}
+
 function duration(seconds) {
   if (seconds === null || seconds === undefined) return "";
   const s = Math.round(seconds);
@@ -71,9 +76,10 @@ function drawRuns(data) {
     const levels = LEVELS.filter((l) => run.levels[l]);
     const span = String(Math.max(levels.length, 1));
     const lead = [
-      el("td", { rowspan: span }, runLink(data.dag_id, run.dag_run_id, run.dag_run_id)),
+      el("td", { rowspan: span }, runLink(data.dag_id, run.dag_run_id, when(run.started_at)),
+         el("div", { class: "run-id" }, run.dag_run_id)),
       el("td", { rowspan: span }, KINDS[run.kind] || run.kind),
-      el("td", { rowspan: span }, run.window ? `${when(run.window[0])} → ${when(run.window[1])}` : ""),
+      el("td", { rowspan: span }, run.window ? [since(run.window[0]), el("br"), `→ ${when(run.window[1])}`] : ""),
       el("td", { rowspan: span, class: `state-${run.status}` }, run.status),
       el("td", { rowspan: span, class: "num" }, duration(run.duration_seconds)),
     ];

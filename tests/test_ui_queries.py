@@ -228,3 +228,22 @@ def test_the_page_benchmark_runs(tmp_path: Path) -> None:
     assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sequential scans of imaging.*: " in proc.stdout and "slowest statement: " in proc.stdout
     assert "100 statements per page view" in proc.stdout
+
+
+def test_the_page_reads_through_medsync_s_connection_read_only_with_a_timeout(
+    a_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = psycopg.conninfo.conninfo_to_dict(a_db)
+    uri = f"postgresql://{params.get('user', 'postgres')}@{params['host']}:{params['port']}/{params['dbname']}"
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_UI_TEST_DB", uri)
+    from medsync.ui.database import STATEMENT_TIMEOUT_MS, connect_readonly
+
+    with connect_readonly("medsync_ui_test_db") as conn:
+        timeout = conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'statement_timeout'").fetchone()
+        assert timeout == (STATEMENT_TIMEOUT_MS,)
+        assert conn.execute("SELECT current_setting('application_name')").fetchone() == ("medsync-ui",)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("CREATE TABLE medsync_ui_must_not_exist (x int)")
+        conn.execute("SET statement_timeout = 50")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(2)")

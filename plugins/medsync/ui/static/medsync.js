@@ -246,6 +246,10 @@ async function search(term) {
   body.replaceChildren(el("p", { class: "note" }, "Searching…"));
   try {
     const data = await getJson(`api/search?q=${encodeURIComponent(term)}`);
+    if (!data.results.length) {
+      body.replaceChildren(el("p", { class: "note" }, "Not found among the sources you may read."));
+      return;
+    }
     body.replaceChildren(...data.results.map((r) => el("div", { class: "found" },
       el("strong", { class: "search-state" }, r.states.join(", ")), " ",
       r.source ? `${r.source} ${r.level} ${r.source_key}` : (r.source_key || r.a_id || term),

@@ -253,6 +253,7 @@ def chromium() -> Iterator[Any]:
 
 def test_a_person_logs_in_and_sees_the_runs_the_quarantine_and_the_chart(ui: UiStack, chromium: Any) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -286,6 +287,13 @@ def test_a_person_logs_in_and_sees_the_runs_the_quarantine_and_the_chart(ui: UiS
     assert len(driver.find_elements(By.CSS_SELECTOR, "#changes-chart g.bar")) == len(data["changes"]) == 3
     assert bars and all(float(b.get_attribute("height")) > 0 for b in bars)
     assert "readable" in driver.find_element(By.ID, "files-summary").text
+
+    # The search box: where a record waiting for its parent stands.
+    waiting = next(p for p in data["pending"].values() if p["longest_waiting"])["longest_waiting"][0]
+    driver.find_element(By.ID, "search-term").send_keys(waiting["source_key"], Keys.ENTER)
+    found = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#search-body .found")))
+    assert "pending" in found.find_element(By.CSS_SELECTOR, ".search-state").text
+    assert waiting["parent_key"] in found.text
 
     # What a person sees holds no patient data; nor does anything the page's API answers.
     html = driver.page_source

@@ -247,3 +247,10 @@ def test_the_page_reads_through_medsync_s_connection_read_only_with_a_timeout(
         conn.execute("SET statement_timeout = 50")
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("SELECT pg_sleep(2)")
+
+
+def test_a_missing_connection_is_named() -> None:
+    from medsync.ui.database import ConnectionMissingError, connect_readonly
+
+    with pytest.raises(ConnectionMissingError, match="medsync_ui_no_such_db"):
+        connect_readonly("medsync_ui_no_such_db")

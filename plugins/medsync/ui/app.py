@@ -29,7 +29,7 @@ from medsync.config import SourceConfig, load_source_configs
 from medsync.errors import ConfigError
 from medsync.ui import queries
 from medsync.ui.auth import can_read_dag, current_user, login_url
-from medsync.ui.database import connect_readonly
+from medsync.ui.database import ConnectionMissingError, connect_readonly
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,10 @@ def _readable(user: Any) -> list[SourceConfig]:
     return readable
 
 
-def _database_unavailable(source: str, exc: psycopg.Error) -> HTTPException:
+def _database_unavailable(source: str, exc: Exception) -> HTTPException:
+    if isinstance(exc, ConnectionMissingError):
+        log.error("medsync page: %s", exc)
+        return HTTPException(status_code=503, detail=str(exc))
     # The error's class says what happened (timeout, refused, ...); its text may quote SQL: not shown.
     log.warning("medsync page: reading %s from A's database failed: %s", source, type(exc).__name__)
     return HTTPException(status_code=503, detail=f"A's database did not answer for {source} ({type(exc).__name__})")
@@ -96,7 +99,7 @@ def create_app() -> FastAPI:
                 body = {"dag_id": cfg.dag_id, "synced": True, **queries.overview(conn, name, datetime.now(UTC))}
         except psycopg.errors.UndefinedTable:
             body = {"dag_id": cfg.dag_id, "source": name, "synced": False}  # no run has created medsync's tables
-        except psycopg.Error as exc:
+        except (psycopg.Error, ConnectionMissingError) as exc:
             raise _database_unavailable(name, exc) from exc
         return JSONResponse(body, headers=NO_STORE)
 
@@ -112,7 +115,7 @@ def create_app() -> FastAPI:
                     results += queries.search(conn, names, q)
             except psycopg.errors.UndefinedTable:
                 results.append({"source_key": q, "sources": names, "states": ["never seen"]})
-            except psycopg.Error as exc:
+            except (psycopg.Error, ConnectionMissingError) as exc:
                 raise _database_unavailable(",".join(names), exc) from exc
         found = [r for r in results if r["states"] != ["never seen"]]
         return JSONResponse({"query": q, "results": found or results[:1]}, headers=NO_STORE)

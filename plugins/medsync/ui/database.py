@@ -13,10 +13,15 @@ from typing import Any
 
 import psycopg
 
+from medsync.errors import MedsyncError
 from medsync.hooks.a_database import ADatabaseHook
 
 STATEMENT_TIMEOUT_MS = int(os.environ.get("MEDSYNC_UI_STATEMENT_TIMEOUT_MS", "5000"))
 CONNECT_TIMEOUT_SECONDS = int(os.environ.get("MEDSYNC_UI_CONNECT_TIMEOUT_SECONDS", "5"))
+
+
+class ConnectionMissingError(MedsyncError):
+    """The source's database connection is not defined in this Airflow (API server's environment)."""
 
 
 class ReadOnlyADatabaseHook(ADatabaseHook):
@@ -40,4 +45,9 @@ class ReadOnlyADatabaseHook(ADatabaseHook):
 
 def connect_readonly(conn_id: str) -> psycopg.Connection:
     """A read-only session of A's database through the Airflow connection ``conn_id``; the caller closes it."""
-    return ReadOnlyADatabaseHook(conn_id).get_conn()
+    from airflow.exceptions import AirflowNotFoundException
+
+    try:
+        return ReadOnlyADatabaseHook(conn_id).get_conn()
+    except AirflowNotFoundException as exc:
+        raise ConnectionMissingError(f"the Airflow connection {conn_id!r} is not defined in the API server") from exc

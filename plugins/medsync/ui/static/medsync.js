@@ -23,7 +23,7 @@ function when(iso) {
   if (!iso) return "";
   const d = new Date(iso);
   if (isNaN(d)) return String(iso);
-  return d.toISOString().slice(0, 16).replace("T", " ") + " UTC";
+  return d.toISOString().slice(0, 16).replace("T", " ");  // UTC, as the page's header says
 }
 
 function since(iso) {

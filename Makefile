@@ -22,6 +22,7 @@ demo: install
 
 test: lint
 	scripts/ensure-postgres.sh
+	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: everything but the runs through real Airflow processes.
@@ -31,6 +32,7 @@ test-fast: install
 
 test-slow: install
 	scripts/ensure-postgres.sh
+	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install

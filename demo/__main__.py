@@ -34,6 +34,8 @@ ADMIN_DSN = os.environ.get("MEDSYNC_DEMO_PG", "host=127.0.0.1 port=5432 user=pos
 DB = "medsync_demo"
 API_KEY = "demo-key-not-secret"
 BUCKET = "b-imaging-demo"
+AIRFLOW_PAGE_URL = "http://127.0.0.1:8080/plugin/medsync"
+"""The medsync page of the local Airflow that ``make airflow`` starts (tests/airflow_stack.py serve)."""
 
 
 def step(text: str) -> None:
@@ -159,6 +161,10 @@ def main() -> None:
             presign_one(dsn, env)
         step("done")
         print("The report of every run is in medsync.sync_run.report; A's rows are in imaging.*.")
+        print(
+            "To look at runs, quarantine and pending records in the Airflow UI: `make airflow`, then open\n"
+            f"{AIRFLOW_PAGE_URL} (user admin, password admin; the medsync entry of the navigation)."
+        )
         if keep:
             print(f"Database kept: psql -h 127.0.0.1 -U postgres {DB}")
     finally:

@@ -1077,6 +1077,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         stack = stack_ctx.enter_context(AirflowStack(config))
         print(f"Airflow UI: {stack.base_url}  (user admin; password: $MEDSYNC_AIRFLOW_PASSWORD, default admin)")
+        print(f"medsync page: {stack.base_url}/plugin/medsync  (the medsync entry of the UI's navigation)")
         print(f"A's database: {a_db}; component logs: {stack.home / 'stack-logs'}; Ctrl-C stops")
         with contextlib.suppress(KeyboardInterrupt):
             while True:

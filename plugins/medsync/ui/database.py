@@ -45,7 +45,7 @@ class ReadOnlyADatabaseHook(ADatabaseHook):
 
 def connect_readonly(conn_id: str) -> psycopg.Connection:
     """A read-only session of A's database through the Airflow connection ``conn_id``; the caller closes it."""
-    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
         return ReadOnlyADatabaseHook(conn_id).get_conn()

@@ -17,8 +17,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from medsync.config import LEVELS
+from medsync.config import LEVELS, get_source_config
 from medsync.levels import spec
+from medsync.sources import open_source
 
 RUN_FIGURES = ("pulled", "inserted", "updated", "unchanged", "deleted", "quarantined", "pending", "difference")
 """Per level and run, as the run's report names them (``medsync.report``)."""
@@ -192,7 +193,7 @@ def pending_summary(conn: psycopg.Connection, source: str, now: datetime) -> dic
         out[level] = {
             "count": total,
             "parent_level": parent,
-            "parent_key_is": spec(level).parent_lookup,
+            "parent_key_is": _parent_lookup(source, level),
             "oldest": _iso(oldest),
             "newest": _iso(newest),
             "ages": ages,
@@ -273,9 +274,9 @@ def record_state(conn: psycopg.Connection, source: str, level: str, key: str) ->
         ).fetchone()
         if p is not None:
             parent_key, version, since = p
-            pending = {"parent_level": parent_level, "parent_key_is": spec(level).parent_lookup,
+            pending = {"parent_level": parent_level, "parent_key_is": _parent_lookup(source, level),
                        "parent_key": parent_key, "source_updated_at": _iso(version), "since": _iso(since)}  # fmt: skip
-            if spec(level).parent_lookup == "source_key":
+            if _parent_lookup(source, level) == "source_key":
                 # The parent's own standing says why it is not in A (quarantined, pending, or not seen yet).
                 pending["parent"] = {k: v for k, v in record_state(conn, source, parent_level, parent_key).items()
                                      if k in ("states", "quarantine", "stored")}  # fmt: skip
@@ -343,3 +344,8 @@ def search(conn: psycopg.Connection, sources: list[str], term: str) -> list[dict
     results = [record_state(conn, source, level, term) for source in sources for level in LEVELS]
     seen = [r for r in results if r["states"] != ["never seen"]]
     return seen or [{"source_key": term, "sources": sources, "states": ["never seen"]}]
+
+
+def _parent_lookup(source: str, level: str) -> str:
+    """The column of the parent's table that ``level``'s ``parent_key`` names, as the source links them."""
+    return open_source(get_source_config(source)).parent_link(level).column

@@ -25,7 +25,6 @@ from psycopg.types.json import Jsonb
 
 from medsync.config import LEVELS
 from medsync.report import build_report
-from medsync.sources.b_rest import RESOURCES
 from medsync.ui import queries
 from tests.conftest import ROOT
 from tests.test_merge import Sync, full_tree, image, patient, series, study
@@ -47,8 +46,8 @@ def record_run(sync: Sync, run_id: int, counts: dict[str, Any], pulled: dict[str
             " VALUES (%s, %s, %s, %s, %s, %s)",
             (run_id, level, SINCE, UNTIL, Jsonb({"slice_0": {"records": pulled[level]}}), Jsonb(counts[level])),
         )
-    b_live = {"patients": 3, "studies": 3, "series": 3, "images": 4}
-    report = build_report(conn, CountsOnly(b_live), RESOURCES, "b", run_id, lock_timeout_seconds=5)
+    b_live = {"subject": 3, "study": 3, "sequence": 3, "instance": 4}
+    report = build_report(conn, CountsOnly(b_live), "b", run_id, lock_timeout_seconds=5)
     report["files"] = {"source": "b", "changed_since": SINCE.isoformat(), "candidates": 3, "checked": 3, "ok": 2,
                        "missing": 1, "denied": 0, "refused": 0, "errors": 0, "failures": 1,
                        "examples": {"missing": ["s3://b-bucket/2026/11/19/i2.dcm"]}}  # fmt: skip

@@ -479,7 +479,7 @@ def test_presign_instance_refuses_unknown_deleted_and_bad_rows(env: Env, rows: R
     foreign = rows.instance("someone-elses-bucket", "k/2.dcm")
     slash = rows.instance(B_BUCKET, "/k/3.dcm")  # A's schema does not stop it; the hook does
     escaping = rows.instance(B_BUCKET, "k/../../x")
-    unknown_source = rows.instance(B_BUCKET, "k/4.dcm", source="c")
+    unknown_source = rows.instance(B_BUCKET, "k/4.dcm", source="zz")
     unknown = uuid.uuid4()
     cases = {
         unknown: f"instance {unknown} does not exist",
@@ -487,7 +487,7 @@ def test_presign_instance_refuses_unknown_deleted_and_bad_rows(env: Env, rows: R
         foreign: "bucket 'someone-elses-bucket' is not allowed for source 'b'",
         slash: "starts with '/'",
         escaping: "'..' segment",
-        unknown_source: "no storage config for source 'c'",
+        unknown_source: "no storage config for source 'zz'",
         "not-a-uuid": "is not an instance id",
     }
     for id_, message in cases.items():

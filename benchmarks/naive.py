@@ -19,7 +19,7 @@ from psycopg import sql
 from medsync.config import LEVELS, get_source_config
 from medsync.levels import spec, staged_columns
 from medsync.schema import A_SCHEMA
-from medsync.sources.b_rest import RESOURCES
+from medsync.sources import open_source
 
 
 def load(*, since: datetime, until: datetime) -> dict[str, Any]:
@@ -27,11 +27,12 @@ def load(*, since: datetime, until: datetime) -> dict[str, Any]:
     from airflow.providers.postgres.hooks.postgres import PostgresHook
     from uuid_utils import uuid7
 
-    from medsync.tasks import record_parser, source_client
+    from medsync.tasks import record_parser
 
     cfg = get_source_config("b")
     hook = PostgresHook(postgres_conn_id=cfg.connections.db_conn_id)
-    client = source_client(cfg)
+    source = open_source(cfg)
+    client = source.connect()
     parser = record_parser(cfg)
     lookups = hook.get_conn()
     out: dict[str, Any] = {}
@@ -48,15 +49,15 @@ def load(*, since: datetime, until: datetime) -> dict[str, Any]:
             "source_updated_at",
         ]
         records = 0
-        for page in client.iter_pages(RESOURCES[level], since, until, page_size=cfg.page_size):
-            parsed = [parser.parse(level, raw) for raw in page]
+        for page in client.iter_pages(level, since, until):
+            parsed = [parser.parse(level, raw) for raw in page.items]
             live = [r for r in parsed if not r.deleted]
-            records += len(page)
+            records += len(page.items)
             parents: dict[str, str] = {}
             if s.parent_level:
                 parent = spec(s.parent_level)
                 keys = list({r.values[0] for r in live})
-                lookup = sql.Identifier(s.parent_lookup)
+                lookup = sql.Identifier(source.parent_link(level).column)
                 with lookups.cursor() as cur:
                     cur.execute(
                         sql.SQL("SELECT {}, id::text FROM {} WHERE source_system = 'b' AND {} = ANY(%s)").format(
@@ -81,4 +82,5 @@ def load(*, since: datetime, until: datetime) -> dict[str, Any]:
             )
         out[level] = {"records": records, "seconds": time.perf_counter() - started}
     lookups.close()
+    client.close()
     return out

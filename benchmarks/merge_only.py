@@ -195,7 +195,13 @@ def one_round(plugins: str, name: str, sizes: dict[str, int], batch_size: int, s
             stage_run(conn, run, sizes, incremental=incremental)
             conn.execute("CHECKPOINT")
             figures[phase] = in_child(plugins, dsn, run, batch_size, sessions)
-        count = sql.SQL("SELECT count(*), count(*) FILTER (WHERE deleted_at IS NULL) FROM {}")
+        # Rows, live rows, and a digest of every row but its A timestamps (now() of the merge): the
+        # same for every copy of the code, or the copies do not merge alike.
+        count = sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE deleted_at IS NULL),"
+            " left(md5(string_agg((to_jsonb(t) - 'created_at' - 'updated_at')::text, '|' ORDER BY source_key)), 8)"
+            " FROM {} t"
+        )
         figures["a_rows"] = {
             level: conn.execute(count.format(sql.Identifier("imaging", level))).fetchone() for level in LEVELS
         }
@@ -229,7 +235,7 @@ def main(argv: list[str]) -> int:
                 figures = one_round(copy, name, sizes, a.batch_size, a.sessions)
                 results[copy].append(figures)
                 print(f"round {k + 1} {copy}: " + _line(figures), flush=True)
-                print(f"    A rows (all, live): {figures['a_rows']}", flush=True)
+                print(f"    A rows (all, live, digest): {figures['a_rows']}", flush=True)
     finally:
         if not a.keep:
             drop_database(name)

@@ -235,7 +235,10 @@ class _Sql:
         self.create_decided = sql.SQL("CREATE TEMP TABLE merge_decided AS {} WITH NO DATA").format(self.decide_select)
         # A batch's statements read its decisions from the session's merge_decided, filled by
         # ``decide``; a first-load batch reads them straight from the work table instead (no
-        # probe into A, and no pass writing and reading merge_decided).
+        # probe into A, and no pass writing and reading merge_decided). Unprobed, the decisions
+        # read nothing but the work table, so each statement of the batch sees the same ones,
+        # before and after the batch's own inserts. A statement added to a batch must read them
+        # through ``_BatchSql`` (``{decided}``), not from merge_decided, which a first load leaves empty.
         self.probed = _BatchSql(s, self.table, sql.SQL("merge_decided d"))
         self.first_load = _BatchSql(s, self.table, sql.SQL("({}) d").format(decide.format(against_a=unprobed, **parts)))
 

@@ -611,6 +611,18 @@ def _close_session(conn: psycopg.Connection) -> None:
         conn.execute("RESET jit")
 
 
+def _decide(
+    conn: psycopg.Connection, q: _Sql, params: dict[str, Any], counts: MergeCounts, *, first_load: bool
+) -> _BatchSql:
+    """The batch's statements, reading its decisions: stored in ``merge_decided`` first, unless a first load."""
+    if first_load:
+        counts.first_load_batches += 1
+        return q.first_load
+    conn.execute("TRUNCATE merge_decided")
+    conn.execute(q.decide, params)
+    return q.probed
+
+
 def _merge_batch(
     conn: psycopg.Connection,
     q: _Sql,
@@ -670,18 +682,6 @@ def _merge_batch(
         conn.execute(b.flipped, params)
         _cascade(conn, params["src"], level, counts, live)
     live_count.add(conn, params["src"], live)
-
-
-def _decide(
-    conn: psycopg.Connection, q: _Sql, params: dict[str, Any], counts: MergeCounts, *, first_load: bool
-) -> _BatchSql:
-    """The batch's statements, reading its decisions: stored in ``merge_decided`` first, unless a first load."""
-    if first_load:
-        counts.first_load_batches += 1
-        return q.first_load
-    conn.execute("TRUNCATE merge_decided")
-    conn.execute(q.decide, params)
-    return q.probed
 
 
 def _use_larger_temp_buffers(conn: psycopg.Connection) -> None:

@@ -23,7 +23,7 @@ from urllib.parse import urlencode, urlsplit
 import psycopg
 from psycopg import sql
 
-from medsync.sources.b_rest.client import rfc3339
+from medsync.sources.rest.client import format_moment
 
 TABLE = "bench_floor_raw"
 
@@ -107,7 +107,11 @@ def pull_raw(
     started = time.perf_counter()
     copy = sql.SQL("COPY {} (resource, id, updated_at, body) FROM STDIN").format(sql.Identifier(TABLE))
     records = 0
-    pages = fetched_ahead(raw_pages(base_url, api_key, resource, rfc3339(since), rfc3339(until), page_size))
+    pages = fetched_ahead(
+        raw_pages(
+            base_url, api_key, resource, format_moment(since, "rfc3339"), format_moment(until, "rfc3339"), page_size
+        )
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
         exhausted = False
         while not exhausted:

@@ -30,8 +30,8 @@ def load(*, since: datetime, until: datetime) -> dict[str, Any]:
     from medsync.tasks import record_parser
 
     cfg = get_source_config("b")
-    hook = PostgresHook(postgres_conn_id=cfg.connections.db_conn_id)
     source = open_source(cfg)
+    hook = PostgresHook(postgres_conn_id=cfg.connections.db_conn_id)
     client = source.connect()
     parser = record_parser(cfg)
     lookups = hook.get_conn()
@@ -82,5 +82,4 @@ def load(*, since: datetime, until: datetime) -> dict[str, Any]:
             )
         out[level] = {"records": records, "seconds": time.perf_counter() - started}
     lookups.close()
-    client.close()
     return out

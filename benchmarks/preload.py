@@ -15,8 +15,8 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook  # noqa: F401
 import medsync.dag_factory  # (what a task process's parse of the DAG file imports: the cron timetable)
 import medsync.tasks  # noqa: F401
 from medsync import live_count, merge, report, schema, staging  # noqa: F401
-from medsync.hooks import a_database, source_api  # noqa: F401
-from medsync.sources.b_rest import client, records  # noqa: F401
+from medsync.hooks import a_database  # noqa: F401
+from medsync.sources.rest import client, converters, hook, records, source  # noqa: F401
 
 
 def _warm_up_connections() -> None:

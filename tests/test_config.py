@@ -62,7 +62,7 @@ def test_b_yaml_loads_as_source_b() -> None:
     config = load_source_config(B_YAML)
     assert isinstance(config, SourceConfig)
     assert config.name == "b"
-    assert config.protocol == "b_rest"
+    assert config.protocol == "rest"
     assert config.dag_id == "medsync_b"
     assert config.mapping_path.is_file()
 
@@ -147,7 +147,7 @@ def test_file_name_must_match_source_name(tmp_path: Path) -> None:
 
 def test_bad_yaml_raises_config_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "b.yaml"
-    path.write_text("name: b\n  protocol: [b_rest\n", encoding="utf-8")
+    path.write_text("name: b\n  protocol: [rest\n", encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
         load_source_config(path)
     assert str(path) in str(caught.value)

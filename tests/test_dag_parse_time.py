@@ -31,8 +31,10 @@ HEAVY_PREFIXES = (
     "pandas",
     "numpy",
     # medsync's task-time modules: record models, staging, merge, task bodies, hooks
-    "medsync.sources.b_rest.records",
-    "medsync.sources.b_rest.client",
+    "medsync.sources.rest.records",
+    "medsync.sources.rest.converters",
+    "medsync.sources.rest.client",
+    "medsync.sources.rest.hook",
     "medsync.staging",
     "medsync.merge",
     "medsync.tasks",

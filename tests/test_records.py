@@ -1,6 +1,7 @@
 """B's records -> staged rows, per ``shared/contracts/b-to-a.md`` and ``source-b/``.
 
-Expected values come from the contracts ("Columns", "Records that cannot be stored as
+The parser is the one B's config builds (``include/sources/b.yaml``: ``protocol: rest``, its ``api:``
+section) with B's mapping file. Expected values come from the contracts ("Columns", "Records that cannot be stored as
 they are", A's PN form in ``a-model.md``, B's timestamp rules), never from records.py.
 """
 
@@ -13,9 +14,12 @@ from typing import Any
 
 import pytest
 
+from medsync.config import get_source_config
 from medsync.levels import staged_columns
 from medsync.mapping import load_mapping
-from medsync.sources.b_rest.records import RecordParser, RecordRejected, StagedRecord, storage_key
+from medsync.sources import open_source
+from medsync.sources.base import Buckets, RecordParser, RecordRejected, StagedRecord
+from medsync.sources.rest.converters import absolute_key as storage_key
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "b-imaging-unit-test"
@@ -29,9 +33,14 @@ PHI_GIVEN = "Quillonia"
 PHI_BIRTH = "1961-07-23"
 
 
+def b_parser(bucket: str) -> RecordParser:
+    source = open_source(get_source_config("b"))
+    return source.parser(load_mapping(ROOT / "include" / "mappings" / "b.yaml"), Buckets(bucket, frozenset({bucket})))
+
+
 @pytest.fixture(scope="module")
 def parser() -> RecordParser:
-    return RecordParser(load_mapping(ROOT / "include" / "mappings" / "b.yaml"), BUCKET)
+    return b_parser(BUCKET)
 
 
 def patient(**changes: Any) -> dict[str, Any]:
@@ -200,7 +209,7 @@ def test_good_file_path_becomes_the_key_without_its_leading_slash_in_the_sources
 
 
 def test_bucket_comes_from_the_parser_not_the_record() -> None:
-    other = RecordParser(load_mapping(ROOT / "include" / "mappings" / "b.yaml"), "another-bucket")
+    other = b_parser("another-bucket")
     rec = other.parse("instance", image(bucket="evil-bucket", storage_bucket="evil-bucket"))
     assert value(rec, "instance", "storage_bucket") == "another-bucket"
 

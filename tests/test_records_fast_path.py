@@ -1,9 +1,11 @@
-"""The parser's fast path (one validation per record) gives exactly what the step-by-step path gives.
+"""The REST parser's fast path (compiled closures) gives exactly what its explaining path gives.
 
-``RecordParser.parse`` validates envelope and content in one model and falls back to the
-step-by-step path (envelope, then content) whenever that model refuses the record; the
-step-by-step path is the one that explains rejections. These tests hold the two to the same
-results, record for record, over the simulator's awkward, invalid and deleted records.
+``RestRecordParser`` stages a record through per-column closures over plain dict lookups and,
+whenever one of them refuses, parses it again along the explaining path (envelope, shape,
+required, vocabulary, checks), the only one that makes reasons. ``parse_page`` (a page) and
+``parse`` (a quarantined record) share both. These tests hold the fast path to the explaining
+path's results, and ``parse_page`` to ``parse``, record for record, over the simulator's
+awkward, invalid and deleted records, with the parser B's config builds.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import pytest
 
 from medsync.config import get_source_config
 from medsync.mapping import load_mapping
-from medsync.sources.b_rest.records import RecordParser, RecordRejected, StagedRecord
+from medsync.sources import open_source
+from medsync.sources.base import Buckets, RawPage, RecordRejected, StagedRecord
+from medsync.sources.rest.records import RestRecordParser
 from simulator.config import SimConfig
 from simulator.model import Catalogue
 
@@ -23,8 +27,23 @@ LEVELS = {"subject": "patients", "study": "studies", "sequence": "series", "inst
 
 
 @pytest.fixture(scope="module")
-def parser() -> RecordParser:
-    return RecordParser(load_mapping(get_source_config("b").mapping_path), "b-bucket")
+def parser() -> RestRecordParser:
+    cfg = get_source_config("b")
+    built = open_source(cfg).parser(load_mapping(cfg.mapping_path), Buckets("b-bucket", frozenset({"b-bucket"})))
+    assert isinstance(built, RestRecordParser)
+    return built
+
+
+def explained(parser: RestRecordParser) -> Any:
+    """The explaining path alone (no fast path), as ``parse``'s signature."""
+    return lambda level, raw: parser._levels[level].explained(raw)
+
+
+def page_outcomes(parser: RestRecordParser, level: str, items: list[Any]) -> list[Any]:
+    return [
+        (r.reason, r.source_key, r.updated_at) if isinstance(r, RecordRejected) else r
+        for r in parser.parse_page(level, RawPage(items))
+    ]
 
 
 def outcome(parse: Any, level: str, raw: object) -> StagedRecord | tuple[str, str, Any]:
@@ -56,14 +75,17 @@ def catalogue_records(tombstone_style: str) -> list[tuple[str, Any]]:
 
 
 @pytest.mark.parametrize("tombstone_style", ["absent", "null"])
-def test_fast_path_matches_step_by_step_on_simulated_records(parser: RecordParser, tombstone_style: str) -> None:
+def test_fast_path_matches_step_by_step_on_simulated_records(parser: RestRecordParser, tombstone_style: str) -> None:
     records = catalogue_records(tombstone_style)
     kinds = {"staged": 0, "tombstone": 0, "rejected": 0}
     for level, raw in records:
         fast = outcome(parser.parse, level, raw)
-        assert fast == outcome(parser._parse_step_by_step, level, raw), (level, raw)
+        assert fast == outcome(explained(parser), level, raw), (level, raw)
         kinds["rejected" if isinstance(fast, tuple) else "tombstone" if fast.deleted else "staged"] += 1
     assert all(kinds.values()), kinds  # every path was exercised
+    for level in LEVELS:
+        items = [raw for lvl, raw in records if lvl == level]
+        assert page_outcomes(parser, level, items) == [outcome(parser.parse, level, raw) for raw in items]
 
 
 GOOD = {
@@ -98,11 +120,13 @@ GOOD = {
         {"series_uid": None},
     ],
 )
-def test_fast_path_matches_step_by_step_on_edge_cases(parser: RecordParser, changes: dict[str, Any]) -> None:
+def test_fast_path_matches_step_by_step_on_edge_cases(parser: RestRecordParser, changes: dict[str, Any]) -> None:
     raw = {**GOOD, **changes}
-    assert outcome(parser.parse, "instance", raw) == outcome(parser._parse_step_by_step, "instance", raw)
+    assert outcome(parser.parse, "instance", raw) == outcome(explained(parser), "instance", raw)
+    assert page_outcomes(parser, "instance", [raw]) == [outcome(parser.parse, "instance", raw)]
 
 
 @pytest.mark.parametrize("raw", [None, [], "text", 3])
-def test_non_objects_are_rejected_alike(parser: RecordParser, raw: object) -> None:
-    assert outcome(parser.parse, "subject", raw) == outcome(parser._parse_step_by_step, "subject", raw)
+def test_non_objects_are_rejected_alike(parser: RestRecordParser, raw: object) -> None:
+    assert outcome(parser.parse, "subject", raw) == outcome(explained(parser), "subject", raw)
+    assert page_outcomes(parser, "subject", [raw]) == [outcome(parser.parse, "subject", raw)]

@@ -51,6 +51,8 @@ from medsync.staging import staging_table, staging_table_name
 log = logging.getLogger(__name__)
 
 _I = sql.Identifier
+Query = sql.SQL | sql.Composed
+"""What a statement of the merge is once composed (psycopg executes both)."""
 
 MERGE_TEMP_BUFFERS = "64MB"
 MIN_SHARED_BATCH = 2_000
@@ -109,7 +111,7 @@ class _Sql:
         staged_list = sql.SQL(", ").join(map(_I, staged))
         self.pending = pending = _I(SCHEMA, f"pending_{s.level}")
 
-        pending_part = sql.SQL("")
+        pending_part: Query = sql.SQL("")
         if s.parent_level:
             pending_part = sql.SQL("UNION ALL SELECT {cols}, true FROM {pending} WHERE source_system = %(src)s").format(
                 cols=staged_list, pending=pending
@@ -151,7 +153,7 @@ class _Sql:
             ).format(
                 work=work, dedup=dedup, lookup=lookup, ptable=_I(A_SCHEMA, parent.table), stage=stage, pending=pending
             )
-            parent_cols = sql.SQL("a.{fk} AS a_parent_id").format(fk=_I(s.parent_fk or ""))
+            parent_cols: Query = sql.SQL("a.{fk} AS a_parent_id").format(fk=_I(s.parent_fk or ""))
         else:
             self.build_work = sql.SQL(
                 "CREATE UNLOGGED TABLE {work} AS"
@@ -250,8 +252,8 @@ class _BatchSql:
         cols = s.column_names
         staged = ("source_key", "source_updated_at", "deleted", "new_id", *staged_columns(s.level))
         pending = _I(SCHEMA, f"pending_{s.level}")
-        self.pending_clear: sql.Composed | None = None
-        self.pending_keep: sql.Composed | None = None
+        self.pending_clear: Query | None = None
+        self.pending_keep: Query | None = None
 
         fk = [_I(s.parent_fk)] if s.parent_fk else []
         insert_cols = [_I("id"), _I("source_system"), _I("source_key"), *fk, *map(_I, cols)]
@@ -266,7 +268,7 @@ class _BatchSql:
             table=table, cols=sql.SQL(", ").join(insert_cols), vals=sql.SQL(", ").join(insert_vals), decided=decided
         )
 
-        sets = [sql.SQL("{c} = d.{nc}").format(c=_I(c), nc=_I(f"n_{c}")) for c in cols]
+        sets: list[Query] = [sql.SQL("{c} = d.{nc}").format(c=_I(c), nc=_I(f"n_{c}")) for c in cols]
         if s.parent_fk:
             sets.append(sql.SQL("{fk} = d.n_parent_id").format(fk=_I(s.parent_fk)))
         sets += [
@@ -500,7 +502,7 @@ def _rows_per_batch(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], b
     """
     if sessions <= 1:
         return batch_size
-    pending = sql.SQL("")
+    pending: Query = sql.SQL("")
     if q.s.parent_level:
         pending = sql.SQL(" + (SELECT count(*) FROM {} WHERE source_system = %(src)s)").format(q.pending)
     row = conn.execute(sql.SQL("SELECT (SELECT count(*) FROM {}){}").format(q.stage, pending), params).fetchone()

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 _PROTOCOLS: dict[str, tuple[str, str]] = {
     # name: (the api section's pydantic model, the Source class), as "module:attribute"
-    "b_rest": ("medsync.sources.b_rest.source:BRestApi", "medsync.sources.b_rest.source:BRestSource"),
     "rest": ("medsync.sources.rest.spec:RestApi", "medsync.sources.rest.source:RestSource"),
     "dicomweb": ("medsync.sources.dicomweb.spec:DicomwebApi", "medsync.sources.dicomweb.source:DicomwebSource"),
 }

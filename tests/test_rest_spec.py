@@ -1,0 +1,273 @@
+"""The ``api:`` section of protocol ``rest`` (medsync.sources.rest.spec): B's and C's sections
+validate, and every mistake is refused with the key path it is at."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from medsync.config import get_source_config
+from medsync.errors import ConfigError
+from medsync.sources import open_source, validate_api
+from medsync.sources.base import DeletionMode, ParentLink
+from medsync.sources.rest.spec import (
+    CONVERTERS,
+    CursorPaging,
+    FeedDeletions,
+    FlagDeletions,
+    LinkHeaderPaging,
+    RestApi,
+)
+from tests.rest_examples import b_api, c_api
+
+WHERE = "include/sources/c.yaml"
+
+
+def refused(section: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate_api("rest", section, WHERE)
+    message = str(caught.value)
+    assert message.startswith(f"{WHERE}: api")
+    return message
+
+
+# --- the acceptance examples ------------------------------------------------------------------------
+
+
+def test_bs_section_validates_and_reads_like_the_contract() -> None:
+    api = validate_api("rest", b_api(), "include/sources/b.yaml")
+    assert isinstance(api, RestApi)
+    assert isinstance(api.paging, CursorPaging) and api.paging.cursor_path == "next_cursor"
+    assert isinstance(api.deletions, FlagDeletions)
+    assert api.level_records_path("instance") == "data"
+    assert api.level_params("study") == {"include_deleted": "true"}
+    assert api.levels["instance"].parent is not None and api.levels["instance"].parent.by == "series_uid"
+    assert api.levels["subject"].parent is None
+    assert list(api.levels) == ["subject", "study", "sequence", "instance"]
+    fields = api.levels["subject"].fields
+    assert "patient_code" in fields and "sex" not in fields  # sex comes through the mapping
+    assert fields["patient_name"].convert == "pn_parts" and fields["patient_name"].family == "name.family"
+    assert dict(fields.items()).keys() == set(fields.keys())
+    assert api.counts is not None and api.counts.paths["instance"] == "images"
+
+
+def test_bs_whole_config_opens_as_a_rest_source() -> None:
+    cfg = get_source_config("b")
+    source = open_source(cfg)
+    assert source.protocol == "rest"
+    assert source.parent_link("instance") == ParentLink("series_uid")
+    assert source.parent_link("study") == ParentLink()
+    assert source.deletion_mode("study") == DeletionMode.INLINE
+    assert source.has_counts and source.max_page_size == 1000
+
+
+def test_cs_whole_config_opens_as_a_rest_source() -> None:
+    source = open_source(get_source_config("c"))
+    assert source.parent_link("instance") == ParentLink()  # by the acquisition's uuid
+    assert source.deletion_mode("subject") == DeletionMode.FEED
+    assert source.has_counts and source.max_page_size == 500
+
+
+def test_cs_section_validates_and_reads_like_the_contract() -> None:
+    api = validate_api("rest", c_api(), WHERE)
+    assert isinstance(api, RestApi)
+    assert isinstance(api.paging, LinkHeaderPaging) and api.paging.page_size_param == "page_size"
+    assert api.limits.retry_after == "http_date" and api.limits.max_page_size == 500
+    assert api.level_records_path("subject") is None  # the body is the array
+    feed = api.deletions
+    assert isinstance(feed, FeedDeletions) and feed.resources["instance"] == "files"
+    assert api.feed_records_path() is None
+    assert api.expired is not None and (api.expired.status, api.expired.code) == (410, "snapshot_expired")
+    assert api.key.format == "uuid" and api.version.format == "epoch_millis"
+
+
+def test_the_python_escape_and_the_documented_converters() -> None:
+    section = c_api()
+    section["levels"]["subject"]["fields"]["patient_name"]["convert"] = "python: medsync.site.c_names:display_to_pn"
+    api = validate_api("rest", section, WHERE)
+    field = api.levels["subject"].fields["patient_name"]
+    assert field.python == "medsync.site.c_names:display_to_pn"
+    assert api.levels["subject"].fields["birth_date"].python is None
+    assert {"rfc3339", "pn_comma", "relative_key", "allowed_bucket", "config_bucket"} <= CONVERTERS
+
+
+def test_the_spec_imports_nothing_heavy() -> None:
+    # It is imported while DAG files are parsed.
+    code = (
+        "import sys, medsync.sources.rest.spec as s; "
+        "heavy = [m for m in ('requests', 'urllib3', 'tenacity', 'airflow', 'psycopg', 'boto3') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, cwd="plugins"
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# --- unknown keys -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda s: s.update(pagination={}), "api.pagination: Extra inputs are not permitted"),
+        (lambda s: s["paging"].update(cursor="x"), "api.paging.link_header.cursor: Extra inputs are not permitted"),
+        (lambda s: s["auth"].update(header="X"), "api.auth.bearer.header: Extra inputs are not permitted"),
+        (
+            lambda s: s["levels"].update(patients={"endpoint": "/p"}),
+            "api.levels.patients: Extra inputs are not permitted",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"].update(bucket={"path": "object.bucket"}),
+            "api.levels.instance.fields.bucket: Extra inputs are not permitted",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"]["storage_key"].update(strip=True),
+            "api.levels.instance.fields.storage_key.strip: Extra inputs are not permitted",
+        ),
+        (
+            lambda s: s["deletions"]["key"].update(type="uuid"),
+            "api.deletions.feed.key.type: Extra inputs are not permitted",
+        ),
+        (lambda s: s["paging"].update(type="graphql"), "api.paging: Input tag 'graphql' found using 'type'"),
+    ],
+)
+def test_unknown_keys_are_refused_with_their_path(mutate: Callable[[dict[str, Any]], None], expected: str) -> None:
+    section = c_api()
+    mutate(section)
+    assert expected in refused(section)
+
+
+# --- cross-field rules ------------------------------------------------------------------------------
+
+
+def _drop(mapping: dict[str, Any], key: str) -> None:
+    del mapping[key]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda s: _drop(s["levels"], "sequence"), "api.levels.sequence: Field required"),
+        (
+            lambda s: s["levels"]["subject"].update(parent={"path": "x"}),
+            "api.levels.subject.parent: subject is the top level: it has no parent",
+        ),
+        (
+            lambda s: _drop(s["levels"]["study"], "parent"),
+            "api.levels.study.parent: a study must say how it names its subject",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["parent"].update(by="study_uid"),
+            "api.levels.instance.parent: by: 'study_uid' is neither source_key nor a column of sequence",
+        ),
+        (
+            # A column of another level: study_uid is a study's.
+            lambda s: s["levels"]["instance"]["fields"].update(study_uid={"path": "x"}),
+            "api.levels.instance.fields.study_uid: Extra inputs are not permitted",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"]["size_bytes"].update(type="string", minimum=None),
+            "api.levels.instance.fields.size_bytes: type string does not fit the column's bigint; "
+            "use type: integer or convert: int_string",
+        ),
+        (
+            lambda s: s["levels"]["study"]["fields"]["description"].update(type="integer"),
+            "api.levels.study.fields.description: type integer does not fit the column's text",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"]["storage_key"].update(convert="strip_slash"),
+            "api.levels.instance.fields.storage_key.convert: unknown converter 'strip_slash'",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"]["storage_key"].update(convert="python: not a path"),
+            "api.levels.instance.fields.storage_key.convert: unknown converter",
+        ),
+        (
+            lambda s: s["levels"]["subject"]["fields"].update(
+                patient_name={"convert": "pn_parts", "family": "name.family"}
+            ),
+            "api.levels.subject.fields.patient_name: pn_parts needs both family and given paths",
+        ),
+        (
+            lambda s: s["levels"]["subject"]["fields"]["patient_name"].update(family="name.family"),
+            "api.levels.subject.fields.patient_name: family and given are for convert: pn_parts only",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"]["storage_bucket"].update(convert="config_bucket"),
+            "api.levels.instance.fields.storage_bucket: config_bucket reads nothing from the record",
+        ),
+        (
+            lambda s: s["levels"]["study"]["fields"]["study_at"].update(path=None),
+            "api.levels.study.fields.study_at: path is required by rfc3339",
+        ),
+        (
+            lambda s: s["levels"]["sequence"]["fields"]["series_number"].update(type="integer"),
+            "api.levels.sequence.fields.series_number: type is the raw value's type without a converter",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"]["content_type"].update(minimum=0),
+            "api.levels.instance.fields.content_type: minimum is for type: integer",
+        ),
+        (
+            lambda s: _drop(s["deletions"]["resources"], "sequence"),
+            "api.deletions.feed.resources: resources must name exactly subject, study, sequence, instance: "
+            "missing sequence",
+        ),
+        (
+            lambda s: s["deletions"]["resources"].update(sequence="files"),
+            "api.deletions.feed.resources: two levels name the same resource",
+        ),
+        (
+            lambda s: s["counts"]["paths"].update(series="x"),
+            "api.counts.paths: paths must name exactly subject, study, sequence, instance: unknown 'series'",
+        ),
+        (lambda s: _drop(s["expired"], "code_path"), "api.expired: code_path and code go together"),
+        (
+            lambda s: s["limits"].update(retry_statuses=[401, 503]),
+            "api.limits.retry_statuses: only 4xx/5xx statuses other than 401/403 (or 5xx) can be retried",
+        ),
+        (
+            lambda s: s.update(paging={"type": "cursor", "cursor_param": "c", "cursor_path": "next"}),
+            "api: paging cursor reads the body, so the records are in it: records_path is needed "
+            "(none for subject, study, sequence, instance)",
+        ),
+        (lambda s: s["levels"]["study"].update(endpoint="visits"), "api.levels.study.endpoint"),
+    ],
+)
+def test_cross_field_rules(mutate: Callable[[dict[str, Any]], None], expected: str) -> None:
+    section = c_api()
+    mutate(section)
+    assert expected in refused(section)
+
+
+def test_retry_statuses_default_to_429_and_every_5xx() -> None:
+    api = validate_api("rest", b_api(), WHERE)
+    assert isinstance(api, RestApi)
+    assert api.limits.retried == frozenset({429, *range(500, 600)})
+    section = b_api()
+    section["limits"]["retry_statuses"] = [429, 503, 409]
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.limits.retried == frozenset({429, 503, 409})
+
+
+def test_a_level_may_override_the_records_path() -> None:
+    section = b_api()
+    section["levels"]["instance"]["records_path"] = "items"
+    api = validate_api("rest", section, WHERE)
+    assert api.level_records_path("instance") == "items"
+    assert api.level_records_path("study") == "data"
+    section["levels"]["instance"]["records_path"] = None  # the body itself: a cursor cannot be read then
+    assert "records_path is needed (none for instance)" in refused(section)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    section = c_api()
+    section["levels"]["study"]["fields"]["bogus"] = {"path": "x"}
+    section["levels"]["instance"]["fields"]["storage_key"]["convert"] = "nope"
+    message = refused(section)
+    assert "api.levels.study.fields.bogus" in message and "api.levels.instance.fields.storage_key.convert" in message

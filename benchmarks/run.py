@@ -7,11 +7,13 @@ studies x 5 sequences x 10 instances), served by the B simulator without its rat
 2. full load: the whole DAG (prepare, pulls, merges, report, finish), rows in A checked;
 3. no-change re-syncs: the newest 12 h window, then a full refresh; rows A wrote, counted
    by PostgreSQL (must be 0);
-4. incremental: 1% of every level changed (updates, deletes, new records) inside one 12 h
+4. peers: dlt's full loads of the same catalogue, with its defaults and its fastest
+   configuration, each into a database of its own (``benchmarks.peers``; ``--no-peers`` skips);
+5. incremental: 1% of every level changed (updates, deletes, new records) inside one 12 h
    window, then that window synced;
-5. instance pull split into 1, 2 and 4 time slices (parallel tasks);
-6. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
-7. scale: the full load again at each ``--scale`` size (default 3,000,000).
+6. instance pull split into 1, 2 and 4 time slices (parallel tasks);
+7. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
+8. scale: the full load again at each ``--scale`` size (default 3,000,000).
 
 The floors and the merge's own timers also give what this machine allows the two ratio
 targets (``bounds``): the least a full load that merges a level after pulling it can take,

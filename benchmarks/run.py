@@ -7,11 +7,13 @@ studies x 5 sequences x 10 instances), served by the B simulator without its rat
 2. full load: the whole DAG (prepare, pulls, merges, report, finish), rows in A checked;
 3. no-change re-syncs: the newest 12 h window, then a full refresh; rows A wrote, counted
    by PostgreSQL (must be 0);
-4. incremental: 1% of every level changed (updates, deletes, new records) inside one 12 h
+4. peers: dlt's full loads of the same catalogue, with its defaults and its fastest
+   configuration, each into a database of its own (``benchmarks.peers``; ``--no-peers`` skips);
+5. incremental: 1% of every level changed (updates, deletes, new records) inside one 12 h
    window, then that window synced;
-5. instance pull split into 1, 2 and 4 time slices (parallel tasks);
-6. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
-7. scale: the full load again at each ``--scale`` size (default 3,000,000).
+6. instance pull split into 1, 2 and 4 time slices (parallel tasks);
+7. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
+8. scale: the full load again at each ``--scale`` size (default 3,000,000).
 
 The floors and the merge's own timers also give what this machine allows the two ratio
 targets (``bounds``): the least a full load that merges a level after pulling it can take,
@@ -39,7 +41,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import floor, measure, table
+from benchmarks import floor, measure, peers, table
 from benchmarks.dag import BenchError, SyncRun, Task, TaskRun, Workers, prepare, run_sync, sync_graph
 from benchmarks.fixtures import (
     API_KEY,
@@ -48,6 +50,7 @@ from benchmarks.fixtures import (
     Shape,
     connect,
     database,
+    database_name,
     include_dir,
     simulator,
     worker_env,
@@ -82,6 +85,8 @@ class Options:
     results_dir: Path
     plugins: str
     profile: bool
+    peers: bool
+    """dlt's full loads of the main catalogue beside medsync's (``benchmarks.peers``)."""
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -101,6 +106,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--quick", action="store_true", help="small sizes (20k, scale 60k, naive 5k): a few minutes less")
     p.add_argument("--keep", action="store_true", help="keep the databases (medsync_bench_<pid>_*)")
     p.add_argument("--profile", action="store_true", help="profile every task (pyinstrument) next to the results")
+    p.add_argument(
+        "--no-peers", dest="peers", action="store_false", help="skip dlt's loads (its own venv, made on first use)"
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--plugins", default=str(ROOT / "plugins"), help="run another checkout's plugins/ (before/after)")
     a = p.parse_args(argv)
@@ -123,6 +131,7 @@ def parse_args(argv: list[str] | None) -> Options:
         results_dir=a.results_dir,
         plugins=a.plugins,
         profile=a.profile,
+        peers=a.peers,
     )
 
 
@@ -183,6 +192,7 @@ class Bench:
             self.results["pairs"] = [_pair(self.results["floor"], full)]
             self.results["pairs"] += [self.pair(include, sim, shape, k) for k in range(2, opts.pairs + 1)]
             self.results["pairs_median_ratio"] = statistics.median(p["ratio"] for p in self.results["pairs"])
+            self.results["peers"] = self.peers(tmp, sim)
 
             self.results["incremental"] = self.incremental(workers, conn, sim)
             self.results["slices"] = [self.sliced_pull(workers, conn, k, sim) for k in opts.slice_counts]
@@ -233,6 +243,38 @@ class Bench:
             rows = measure.check_rows(conn, sim.base_url)
             self._require(rows["matches"], f"after full load {k} A's rows differ from B's: {rows}")
         return _pair(floor_figures, full)
+
+    def peers(self, tmp: Path, sim: Any) -> dict[str, Any]:
+        """dlt's full loads of the same catalogue, each into a database of its own (``benchmarks.peers``)."""
+        if not self.opts.peers:
+            return {"skipped": "--no-peers"}
+        try:
+            python = peers.dlt_python()
+        except peers.PeerUnavailable as exc:
+            print(f"dlt skipped: {exc}", flush=True)
+            return {"skipped": str(exc)}
+        out: dict[str, Any] = {}
+        for config in peers.CONFIGS:
+            name = database_name(f"dlt_{config}")
+            peers.fresh_database(name)
+            try:
+                with connect(name) as conn:
+                    measure.checkpoint(conn)
+                out[config] = peers.load(
+                    python,
+                    config,
+                    base_url=sim.base_url,
+                    db=name,
+                    since=BEGINNING,
+                    until=BASE_TIME,
+                    page_size=self.opts.page_size,
+                    pipelines_dir=tmp / "dlt",
+                    simulator_pid=sim.proc.pid,
+                )
+            finally:
+                if not self.opts.keep:
+                    peers.drop(name)
+        return out
 
     def sync(
         self, workers: Workers, conn: psycopg.Connection, name: str, facts: RunFacts, simulator_pid: int
@@ -538,6 +580,17 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             "met": full["peak_rss_mb"] < 300,
         },
     ]
+    fastest = r.get("peers", {}).get("fastest", {})
+    if "seconds" in fastest:
+        full_load = statistics.median(p["full_load_seconds"] for p in r["pairs"])
+        out.append(
+            {
+                "target": "full load ahead of dlt's fastest configuration (median full load / dlt, same run)",
+                "value": full_load / fastest["seconds"],
+                "limit": 1.0,
+                "met": full_load < fastest["seconds"],
+            }
+        )
     for s in r["scale"]:
         growth = s["peak_rss_mb"] / full["peak_rss_mb"]
         out.append(

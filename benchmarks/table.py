@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,39 @@ def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
         return "  ".join([f"{first:<{widths[0]}}", *(f"{c:>{w}}" for c, w in zip(rest, widths[1:], strict=True))])
 
     return [line(header), *(line(r) for r in rows)]
+
+
+PEER_LABELS = {"default": "rest_api, defaults", "fastest": "fastest (arrow, parquet/ADBC, upsert)"}
+
+
+def _peer_lines(r: dict[str, Any]) -> list[str]:
+    """dlt beside medsync and the floor: x the floor, rows checked against B's /counts, CPU."""
+    peers = r.get("peers", {})
+    if "skipped" in peers:
+        return [f"dlt: not run ({peers['skipped']})"]
+    # Medians of the pairs: the floor ran once per pair, dlt once, all on the same catalogue.
+    pairs = r.get("pairs") or [{"floor_seconds": r["floor"]["seconds"], "full_load_seconds": r["full_load"]["seconds"]}]
+    floor_s = statistics.median(p["floor_seconds"] for p in pairs)
+    full_s = statistics.median(p["full_load_seconds"] for p in pairs)
+    parts = [
+        f"floor 1.00 ({floor_s:.1f} s)",
+        f"medsync full load {r.get('pairs_median_ratio', full_s / floor_s):.2f} ({full_s:.1f} s)",
+    ]
+    checks = []
+    for config, f in peers.items():
+        if "seconds" not in f:
+            checks.append(f"dlt {config} FAILED: {f.get('failed', '?')[-200:]}")
+            continue
+        parts.append(f"dlt {config} {f['seconds'] / floor_s:.2f} ({f['seconds']:.1f} s)")
+        rows = f["rows"]
+        verdict = "match" if rows["matches"] else f"DIFFER: {rows['not_deleted']} vs {rows['source_live']}"
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in f.get("steps", {}).items() if k != "run")
+        checks.append(
+            f"dlt {config}: rows not deleted vs B's /counts {verdict}; {steps}; process {f['cpu_seconds']:.1f} CPU s,"
+            f" simulator {f['cpu']['simulator_cpu_seconds']:.1f} CPU s, machine busy"
+            f" {f['cpu']['machine_busy_cores']:.1f} cores; importing dlt {f['import_seconds']:.1f} s (not timed)"
+        )
+    return [f"side by side, x the floor (medians of {len(pairs)} pairs): " + ", ".join(parts), *checks]
 
 
 def render(r: dict[str, Any]) -> str:
@@ -49,9 +83,16 @@ def render(r: dict[str, Any]) -> str:
         ]
 
     naive = r["naive"]
+    peers = r.get("peers", {})
+    dlt_rows = [
+        row(f"dlt {f.get('dlt_version', '')} {PEER_LABELS[config]}", f, written=False)
+        for config, f in peers.items()
+        if isinstance(f, dict) and "seconds" in f
+    ]
     rows = [
         row("floor: fetch + raw COPY", r["floor"], written=False),
         row("full load", full),
+        *dlt_rows,
         row("no change: newest 12 h window", r["no_change_window"]),
         row("no change: full refresh", r["no_change_full_refresh"]),
         row(f"incremental {opts['incremental_fraction']:.0%} in one 12 h window", r["incremental"]),
@@ -128,6 +169,7 @@ def render(r: dict[str, Any]) -> str:
         f"{limit['pages']:,} pages, so at least {limit['min_seconds']:.0f} s "
         f"({limit['min_seconds_at_1000_per_page']:.0f} s at 1,000 records per page)"
     )
+    out += _peer_lines(r)
     inc = r["incremental"]
     out.append(
         f"incremental: prepare to last merge {inc['seconds_to_last_merge']:.1f} s "

@@ -3,7 +3,9 @@
 The real harness end to end, as ``make bench`` runs it: simulator, databases, a task process
 per task, every phase, on a few thousand instances (about 20 s). Timings are never asserted:
 the benchmark is not a test. What is asserted is what the harness checks by itself (rows in
-A, rows written by no-change re-syncs) and that it produced its table and JSON.
+A, rows written by no-change re-syncs) and that it produced its table and JSON. The run also
+loads the catalogue with dlt (``benchmarks.peers``, its own virtualenv under ``build/``, made on
+first use: about a minute); where that venv cannot be made (no PyPI), the dlt checks are skipped.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +60,18 @@ def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None
     assert {t["target"] for t in r["targets"]} and all(isinstance(t["met"], bool) for t in r["targets"])
     for task in r["full_load"]["tasks"].values():
         assert 0 < task["peak_rss_mb"] < 1000
+
+    # Last, so that a machine without PyPI still checks everything else.
+    if "skipped" in r["peers"]:
+        pytest.skip(f"dlt's virtualenv could not be made: {r['peers']['skipped']}")
+    assert set(r["peers"]) == {"default", "fastest"}
+    for config, dlt in r["peers"].items():
+        assert dlt["rows"]["matches"], (config, dlt["rows"])
+        assert dlt["rows"]["not_deleted"] == dlt["rows"]["source_live"] == {
+            "subject": 20, "study": 80, "sequence": 400, "instance": 4000}  # fmt: skip
+        assert dlt["seconds"] > 0 and dlt["records"] == 4500
+    assert "dlt fastest" in proc.stdout and "side by side, x the floor" in proc.stdout
+    assert any(t["target"].startswith("full load ahead of dlt's fastest") for t in r["targets"])
 
 
 def test_a_insert_measures_every_case_on_a_few_rows() -> None:

@@ -134,6 +134,18 @@ class Orthanc:
             answer.raise_for_status()
             return answer.json()
 
+    def wait_until_stable(self, quiet_seconds: float = 1.5, timeout: float = 60) -> None:
+        """Returns once Orthanc's change feed had no new event for ``quiet_seconds`` (Stable* events included)."""
+        deadline = time.monotonic() + timeout
+        last = self.last_change()
+        while time.monotonic() < deadline:
+            time.sleep(quiet_seconds)
+            now = self.last_change()
+            if now == last:
+                return
+            last = now
+        raise RuntimeError("orthanc's change feed did not settle")
+
     def last_change(self) -> int:
         return int(self.get("/changes", last="")["Last"])
 

@@ -21,7 +21,7 @@ from medsync.config import LEVELS, SourceConfig, get_source_config
 from medsync.errors import MedsyncError
 from medsync.mapping import load_mapping
 from medsync.sources import open_source
-from medsync.sources.base import Buckets, RecordParser
+from medsync.sources.base import Buckets, DeletionMode, RecordParser
 from medsync.windows import RunFacts, Window, advances_watermark, plan_window, sync_kind
 
 log = logging.getLogger(__name__)
@@ -121,23 +121,34 @@ def level_window(conn: psycopg.Connection, run_id: int, level: str) -> Window:
 
 def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int = 1) -> dict[str, Any]:
     """Streams one level (one time slice of it) from the source into this run's staging table."""
-    from medsync import staging
+    from medsync import snapshot, staging
 
     cfg = get_source_config(source)
     parser = record_parser(cfg)
-    with open_source(cfg).connect() as client, connect_a(cfg) as conn:
+    src = open_source(cfg)
+    with src.connect() as client, connect_a(cfg) as conn:
         window = staging.window_slice(level_window(conn, run_id, level), slices, slice_index)
+        # A source without tombstones: when its snapshot is due, the first slice lists the level whole.
+        snapshot_now = (
+            src.deletion_mode(level) is DeletionMode.SNAPSHOT
+            and slice_index == 0
+            and snapshot.due(conn, cfg, level, run_id)
+        )
         counts = staging.pull_level(
             conn,
             source=source,
             level=level,
             run_id=run_id,
-            pages=client.iter_pages(level, window.since, window.until),
+            pages=client.iter_listing(level) if snapshot_now else client.iter_pages(level, window.since, window.until),
             parser=parser,
             slice_index=slice_index,
             retry_quarantine=slice_index == 0,
             commit_rows=cfg.staging_commit_rows,
         ).as_dict()
+        if snapshot_now:
+            counts["snapshot"] = snapshot.stage_tombstones(
+                conn, source=source, level=level, run_id=run_id, slice_index=slice_index, listed=counts["records"]
+            )
         conn.execute(
             "UPDATE medsync.sync_run_level SET pull_counts = pull_counts || jsonb_build_object(%s::text, %s::jsonb)"
             " WHERE run_id = %s AND level = %s",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -31,9 +31,12 @@ from medsync.windows import BEGINNING
 
 log = logging.getLogger(__name__)
 
+ONE_SECOND = timedelta(seconds=1)
 STUDY_EVENTS = {"NewStudy", "StableStudy", "UpdatedAttachment", "UpdatedMetadata"}
 SERIES_EVENTS = {"NewSeries", "StableSeries"}
-INSTANCE_EVENTS = {"NewInstance"}
+# No instance events: every new instance makes its series new or unstable, and Orthanc says
+# StableSeries once it has had no new instance for StableAge seconds; reading the series' events
+# saves one request per new instance.
 
 
 class DicomwebClient(SourceClient):
@@ -60,6 +63,7 @@ class DicomwebClient(SourceClient):
         self.page_size = min(page_size, api.max_page_size)
         self.timeout = timeout
         self.zone = ZoneInfo(api.timezone)
+        self._resources: dict[str, dict[str, Any] | None] = {}
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -89,7 +93,8 @@ class DicomwebClient(SourceClient):
         tags = sorted({*READ[level], *READ["instance"]} if level == "instance" else READ[level])
         offset = 0
         while True:
-            params: dict[str, Any] = {"limit": self.page_size, "offset": offset, "includefield": ",".join(tags)}
+            # One includefield per attribute: Orthanc's plugin ignores the comma-separated form.
+            params: dict[str, Any] = {"limit": self.page_size, "offset": offset, "includefield": tags}
             params.update(filters or {})
             page = self._get(f"{self.qido_url}{path}", f"QIDO {path.rsplit('/', 1)[-1]}", params)
             if page is None:
@@ -193,7 +198,9 @@ class DicomwebClient(SourceClient):
             for change in changes:
                 when = datetime.strptime(str(change["Date"]), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
                 marks.append((self.source, int(change["Seq"]), when))
-                if since <= when < until:
+                # Orthanc dates events to the second: the event happened in [when, when + 1 s). Taken
+                # when that second overlaps the window, so no event falls between two windows.
+                if when < until and when + ONE_SECOND > since:
                     found.append(change)
             if marks:
                 self.db.execute(
@@ -206,8 +213,11 @@ class DicomwebClient(SourceClient):
                 return found
 
     def _orthanc(self, path: str) -> dict[str, Any] | None:
-        answer = self._get(f"{self.orthanc_url}{path}", path.split("/", 2)[1])
-        return answer if isinstance(answer, dict) else None
+        """An Orthanc resource (``/studies/<id>``, ...), read once per client: a pull asks for each several times."""
+        if path not in self._resources:
+            answer = self._get(f"{self.orthanc_url}{path}", path.split("/", 2)[1])
+            self._resources[path] = answer if isinstance(answer, dict) else None
+        return self._resources[path]
 
     def _affected(self, changes: list[dict[str, Any]]) -> tuple[set[str], dict[str, dict[str, Any]]]:
         """The studies (Orthanc ids) and series (id -> Orthanc's record of it) the changes touched."""
@@ -219,10 +229,6 @@ class DicomwebClient(SourceClient):
                 studies.add(oid)
             elif kind in SERIES_EVENTS:
                 series.add(oid)
-            elif kind in INSTANCE_EVENTS:
-                instance = self._orthanc(f"/instances/{oid}")
-                if instance is not None:  # gone since: the snapshot finds that
-                    series.add(str(instance["ParentSeries"]))
         series_info = {oid: info for oid in sorted(series) if (info := self._orthanc(f"/series/{oid}")) is not None}
         studies |= {str(info["ParentStudy"]) for info in series_info.values()}
         return studies, series_info

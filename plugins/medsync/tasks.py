@@ -262,3 +262,46 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
             f"{cfg.file_check.max_failures}: check the bucket and the IAM grant of {cfg.storage.aws_conn_id}"
         )
     return {k: v for k, v in figures.items() if k != "examples"}
+
+
+def mirror_files(source: str, run_id: int) -> dict[str, Any]:
+    """Copies the files of the instances this run inserted or changed into A's bucket (``files: mirror``).
+
+    The figures go to the run's report (``mirror``); the task fails when more files than
+    ``file_check.max_failures`` could not be copied.
+    """
+    from medsync.errors import StorageError
+    from medsync.hooks.storage import InstanceFileHook
+    from medsync.mirror import mirror_instance_files
+
+    cfg = get_source_config(source)
+    src = open_source(cfg)
+    settings = src.file_mirror
+    if settings is None:
+        return {"mirrored": 0, "skipped": True}
+    hook = InstanceFileHook(source, storage=cfg.storage)
+    with src.connect() as client, connect_a(cfg) as conn:
+        row = conn.execute("SELECT started_at FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
+        if row is None:
+            raise MedsyncError(f"run {run_id} is unknown")
+        result = mirror_instance_files(
+            conn,
+            source=source,
+            client=client,
+            s3=hook.get_conn(),
+            settings=settings,
+            changed_since=row[0],
+            check_location=hook.check_location,
+            attempts=cfg.max_attempts,
+        )
+        conn.execute(
+            "UPDATE medsync.sync_run"
+            " SET report = coalesce(report, '{}'::jsonb) || jsonb_build_object('mirror', %s::jsonb) WHERE id = %s",
+            (Jsonb(result.as_dict()), run_id),
+        )
+    if result.failed > cfg.file_check.max_failures:
+        raise StorageError(
+            f"{source}: {result.summary()}: more files could not be copied than the allowed "
+            f"{cfg.file_check.max_failures} (instance ids in the run's report, medsync.sync_run.report->'mirror')"
+        )
+    return {k: v for k, v in result.as_dict().items() if k != "examples"}

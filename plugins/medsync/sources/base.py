@@ -95,6 +95,16 @@ class StagedRecord:
     empty for a tombstone."""
 
 
+@dataclass(frozen=True, slots=True)
+class FileMirror:
+    """How a source whose files A must copy (a PACS has no bucket A can read) has them copied."""
+
+    workers: int
+    """Files copied at once (threads)."""
+    part_bytes: int
+    """Files larger than this are uploaded to A's bucket in parts of this size (S3 multipart)."""
+
+
 class RecordRejected(ValueError):
     """A record that cannot be stored as it is: quarantined with ``reason``, retried every run.
 
@@ -158,6 +168,14 @@ class SourceClient(ABC):
         """Live records per level now (``{"subject": n, ...}``), or None when the source has no counts."""
         return None
 
+    def iter_file(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Iterator[bytes]:
+        """The bytes of one instance's file, in chunks (``Source.file_mirror`` sources only).
+
+        Raises ``SourceApiError`` when the source does not have it, ``SourceUnavailableError`` when
+        it cannot answer now.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not serve files")
+
     def close(self) -> None:  # noqa: B027 - a client without resources need not override it
         """Releases the client's connections."""
 
@@ -203,6 +221,11 @@ class Source(ABC):
     def has_counts(self) -> bool:
         """Whether :meth:`SourceClient.counts` answers (reports say what they could not check)."""
         return False
+
+    @property
+    def file_mirror(self) -> FileMirror | None:
+        """Set when A keeps its own copy of the source's files (``medsync.mirror``): B and C have buckets."""
+        return None
 
     @property
     def max_page_size(self) -> int | None:

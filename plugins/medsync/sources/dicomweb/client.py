@@ -39,6 +39,51 @@ SERIES_EVENTS = {"NewSeries", "StableSeries"}
 # saves one request per new instance.
 
 
+FILE_CHUNK = 1024 * 1024
+
+
+def _boundary(content_type: str, source: str) -> bytes:
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "boundary" and value:
+            return value.strip('"').encode()
+    raise SourceApiError(f"{source}: WADO-RS: a multipart answer without a boundary")
+
+
+def multipart_first_part(chunks: Iterator[bytes], boundary: bytes) -> Iterator[bytes]:
+    """The body of the first part of a multipart stream, streamed (memory: one chunk plus a delimiter)."""
+    opening = b"--" + boundary
+    closing = b"\r\n--" + boundary
+    buffer = b""
+    chunks = iter(chunks)
+    # Up to the end of the first part's headers.
+    for chunk in chunks:
+        buffer += chunk
+        start = buffer.find(opening)
+        if start >= 0:
+            headers_end = buffer.find(b"\r\n\r\n", start)
+            if headers_end >= 0:
+                buffer = buffer[headers_end + 4 :]
+                break
+    else:
+        raise SourceApiError("WADO-RS: the multipart answer has no part")
+    # The body, holding back what could be the start of the closing delimiter.
+    keep = len(closing)
+    while True:
+        end = buffer.find(closing)
+        if end >= 0:
+            if end:
+                yield buffer[:end]
+            return
+        if len(buffer) > keep:
+            yield buffer[:-keep]
+            buffer = buffer[-keep:]
+        chunk = next(chunks, None)
+        if chunk is None:
+            raise SourceApiError("WADO-RS: the multipart answer ended inside its part")
+        buffer += chunk
+
+
 class DicomwebClient(SourceClient):
     """One PACS: an HTTP session (auth, retries) and a connection to A's database (versions)."""
 
@@ -304,12 +349,10 @@ class DicomwebClient(SourceClient):
             "instance": int(stats["CountInstances"]),
         }
 
-    def open_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> requests.Response:
-        """The instance's file from WADO-RS (``application/dicom``), as a streamed response; close it.
-
-        Raises ``SourceApiError`` when the PACS does not have it (404) or refuses.
-        """
-        url = f"{self.qido_url}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+    def iter_file(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Iterator[bytes]:
+        """The instance's file from WADO-RS (``application/dicom``), streamed out of its multipart answer."""
+        url = f"{self.qido_url}/studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}"
+        what = "WADO-RS instance"
         try:
             answer = self.session.get(
                 url,
@@ -318,12 +361,20 @@ class DicomwebClient(SourceClient):
                 stream=True,
             )
         except requests.RequestException as exc:
-            raise SourceUnavailableError(f"{self.source}: WADO-RS instance: {type(exc).__name__}") from None
-        if answer.status_code >= 400:
-            answer.close()
-            error = SourceUnavailableError if answer.status_code in (429, 500, 502, 503, 504) else SourceApiError
-            raise error(f"{self.source}: WADO-RS instance: HTTP {answer.status_code}")
-        return answer
+            raise SourceUnavailableError(f"{self.source}: {what}: {type(exc).__name__}") from None
+        with answer:
+            if answer.status_code >= 400:
+                error = SourceUnavailableError if answer.status_code in (429, 500, 502, 503, 504) else SourceApiError
+                raise error(f"{self.source}: {what}: HTTP {answer.status_code}")
+            content_type = answer.headers.get("Content-Type", "")
+            try:
+                chunks = answer.iter_content(chunk_size=FILE_CHUNK)
+                if content_type.lower().startswith("multipart/"):
+                    yield from multipart_first_part(chunks, _boundary(content_type, self.source))
+                else:
+                    yield from chunks
+            except requests.RequestException as exc:
+                raise SourceUnavailableError(f"{self.source}: {what}: {type(exc).__name__}") from None
 
     def close(self) -> None:
         self.session.close()

@@ -9,7 +9,16 @@ from __future__ import annotations
 from zoneinfo import ZoneInfo
 
 from medsync.mapping import Mapping
-from medsync.sources.base import Buckets, DeletionMode, ParentLink, RecordParser, RequestLimiter, Source, SourceClient
+from medsync.sources.base import (
+    Buckets,
+    DeletionMode,
+    FileMirror,
+    ParentLink,
+    RecordParser,
+    RequestLimiter,
+    Source,
+    SourceClient,
+)
 from medsync.sources.dicomweb.spec import ChangeFeed, DicomwebApi, FilesMode
 
 
@@ -38,8 +47,10 @@ class DicomwebSource(Source):
         return self.api.max_page_size
 
     @property
-    def mirrors_files(self) -> bool:
-        return self.api.files is FilesMode.MIRROR
+    def file_mirror(self) -> FileMirror | None:
+        if self.api.files is not FilesMode.MIRROR:
+            return None
+        return FileMirror(workers=self.api.mirror_workers, part_bytes=self.api.multipart_threshold_mb * 1024 * 1024)
 
     @property
     def key_prefix(self) -> str:

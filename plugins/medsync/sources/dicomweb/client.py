@@ -78,10 +78,10 @@ def multipart_first_part(chunks: Iterator[bytes], boundary: bytes) -> Iterator[b
         if len(buffer) > keep:
             yield buffer[:-keep]
             buffer = buffer[-keep:]
-        chunk = next(chunks, None)
-        if chunk is None:
+        following = next(chunks, None)
+        if following is None:
             raise SourceApiError("WADO-RS: the multipart answer ended inside its part")
-        buffer += chunk
+        buffer += following
 
 
 class DicomwebClient(SourceClient):

@@ -8,6 +8,7 @@ throw-away home (SQLite metadata) that runs the real ``medsync_b`` DAG with
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
 
 from devstack.airflow_env import Wiring, airflow_env, dags_test, include_copy, migrate_metadata  # noqa: E402
+from devstack.dicom_gen import generate  # noqa: E402
+from devstack.orthanc import ensure_installed, orthanc_server  # noqa: E402
 from devstack.s3 import put_files, s3_server  # noqa: E402
 from medsync.report import format_report  # noqa: E402
 from simulator import BSimulator, SimConfig  # noqa: E402
@@ -36,6 +39,7 @@ API_KEY = "demo-key-not-secret"
 BUCKET = "b-imaging-demo"
 AIRFLOW_PAGE_URL = "http://127.0.0.1:8080/plugin/medsync"
 """The medsync page of the local Airflow that ``make airflow`` starts (tests/airflow_stack.py serve)."""
+A_BUCKET = "a-imaging-demo"
 
 
 def step(text: str) -> None:
@@ -117,6 +121,42 @@ def presign_one(dsn: str, env: dict[str, str]) -> None:
     print(f"fetched {len(body)} bytes; DICOM marker present: {body[128:132] == b'DICM'}")
 
 
+def sync_pacs(env: dict[str, str], dsn: str, endpoint: str, workdir: Path) -> None:
+    """A small Orthanc (DICOMweb) synced beside B, its files mirrored into A's bucket; skipped when not installable."""
+    reason = ensure_installed()
+    if reason:
+        print(f"the PACS part is skipped: {reason}")
+        return
+    import boto3
+    from botocore.config import Config
+
+    include_copy(workdir / "include", source="pacs", retries=0)
+    with orthanc_server() as orthanc:
+        stored = orthanc.stow(generate(seed=2026, patients=10))
+        orthanc.wait_until_stable()
+        print(f"a private Orthanc at {orthanc.base_url} (DICOMweb plugin) holds {stored} synthetic instances")
+        boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+            region_name="us-east-1", config=Config(signature_version="s3v4"),
+        ).create_bucket(Bucket=A_BUCKET)  # fmt: skip
+        pacs_env = {
+            **env,
+            "AIRFLOW_CONN_MEDSYNC_PACS_API": json.dumps(
+                {"conn_type": "http", "host": orthanc.base_url, "login": orthanc.user, "password": orthanc.password}
+            ),
+            "AIRFLOW_CONN_MEDSYNC_A_AWS": env["AIRFLOW_CONN_MEDSYNC_B_AWS"],
+            "AIRFLOW_VAR_MEDSYNC_A_BUCKET": A_BUCKET,
+        }
+        step("run 3: medsync_pacs with full_refresh=true (QIDO-RS listings, files copied from WADO-RS into A's bucket)")
+        run_dag(pacs_env, "PACS full refresh", dag_id="medsync_pacs", conf={"full_refresh": True})
+        show_report(dsn)
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute(
+                "SELECT source_system, count(*) FILTER (WHERE deleted_at IS NULL) FROM imaging.instance GROUP BY 1"
+            ).fetchall()
+        print("live instances in A per source:", dict(rows))
+
+
 def main() -> None:
     now = datetime.now(UTC)
     tick = last_tick(now)
@@ -159,6 +199,9 @@ def main() -> None:
 
             step("a presigned URL for one synced instance, from the command line (medsync.presign_cli)")
             presign_one(dsn, env)
+
+            step("a hospital PACS beside B: Orthanc over DICOMweb")
+            sync_pacs(env, dsn, endpoint, workdir)
         step("done")
         print("The report of every run is in medsync.sync_run.report; A's rows are in imaging.*.")
         print(

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+# A private Orthanc for the PACS source's tests (started only by the tests that ask for it).
+from pacs_fixtures import loaded_pacs, orthanc  # noqa: F401
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[1]

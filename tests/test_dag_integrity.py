@@ -394,8 +394,19 @@ def test_every_task_has_the_configs_owner(parsed: dict[str, Any]) -> None:
 
 
 def test_task_ids_are_exactly_the_sync_steps(parsed: dict[str, Any]) -> None:
-    for info, _ in _dags(parsed):
-        assert set(info["tasks"]) == TASK_IDS
+    from medsync.sources import open_source
+
+    for info, cfg in _dags(parsed):
+        mirrored = {"mirror_files"} if open_source(cfg).file_mirror is not None else set()
+        assert set(info["tasks"]) == TASK_IDS | mirrored
+
+
+def test_files_are_mirrored_after_the_instance_merge_and_before_the_check(parsed: dict[str, Any]) -> None:
+    mirrored = [info for info, _ in _dags(parsed) if "mirror_files" in info["tasks"]]
+    assert mirrored, "the pacs source mirrors its files"
+    for info in mirrored:
+        assert set(info["tasks"]["mirror_files"]["upstream"]) == {"prepare", "merge_instances"}
+        assert "mirror_files" in info["tasks"]["check_files"]["upstream"]
 
 
 def test_each_merge_is_downstream_of_its_pull(parsed: dict[str, Any]) -> None:
@@ -438,7 +449,7 @@ def test_instance_pull_is_mapped_only_when_instance_slices_above_one(parsed: dic
 
 def test_second_source_gives_a_second_dag(parsed_with_c: dict[str, Any]) -> None:
     parsed = parsed_with_c
-    assert set(parsed["dags"]) == {"medsync_b", "medsync_c"}
+    assert set(parsed["dags"]) - {"medsync_pacs"} == {"medsync_b", "medsync_c"}
     c = parsed["dags"]["medsync_c"]
     assert c["timetable"]["expression"] == "30 1 * * *"
     assert c["timetable"]["timezone"] == "Europe/Berlin"

@@ -15,6 +15,9 @@ from medsync.config import get_source_config
 from medsync.errors import MappingError, SchemaError
 from medsync.mapping import load_mapping, parse_mapping
 
+MIGRATIONS = sorted(int(p.name[:4]) for p in schema.migrations_dir().glob("*.sql"))
+"""Every migration's number (other branches add their own)."""
+
 
 def b_mapping_raw() -> dict[str, Any]:
     mapping = load_mapping(get_source_config("b").mapping_path)

@@ -109,6 +109,16 @@ class FileCheckConfig(_Strict):
     """The run fails when more sampled files than this are not readable (missing, denied, refused, errors)."""
 
 
+class SnapshotConfig(_Strict):
+    """How often a source without tombstones (``DeletionMode.SNAPSHOT``) lists a level whole to find deletions."""
+
+    on_full_refresh: bool = True
+    """Every full refresh compares (it lists everything anyway)."""
+    every_hours: float | None = Field(default=24.0, gt=0)
+    """Otherwise, a run compares when the level's last snapshot of a succeeded run is older than this
+    (None: only full refreshes)."""
+
+
 class SourceConfig(_Strict):
     """One source's settings, as written in ``include/sources/<name>.yaml``."""
 
@@ -150,6 +160,8 @@ class SourceConfig(_Strict):
     retry_delay_minutes: float = Field(default=2.0, gt=0)
     max_retry_delay_minutes: float = Field(default=30.0, gt=0)
     file_check: FileCheckConfig = FileCheckConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
+    """Used only by sources whose deletions are found by a snapshot compare (``medsync.snapshot``)."""
 
     @field_validator("name")
     @classmethod

@@ -14,6 +14,7 @@ import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
 
 from medsync.config import LEVELS, SourceConfig, load_source_configs
+from medsync.sources import open_source
 
 PLURAL = {"subject": "subjects", "study": "studies", "sequence": "sequences", "instance": "instances"}
 
@@ -120,6 +121,12 @@ def build_dag(cfg: SourceConfig) -> DAG:
 
             return merge
 
+        @task(task_id="mirror_files")
+        def mirror_files(plan: dict[str, Any]) -> dict[str, Any]:
+            from medsync import tasks
+
+            return tasks.mirror_files(source, plan["run_id"])
+
         @task(task_id="check_files")
         def check_files(plan: dict[str, Any]) -> dict[str, Any]:
             from medsync import tasks
@@ -154,6 +161,9 @@ def build_dag(cfg: SourceConfig) -> DAG:
         checked = check_files(plan)
         reported = report(plan)
         assert previous_merge is not None
+        if open_source(cfg).file_mirror is not None:
+            # A source without a bucket A can read: its files are copied into A's before they are checked.
+            previous_merge >> mirror_files(plan) >> checked
         previous_merge >> checked >> reported >> finish(plan)
     return dag
 

@@ -165,4 +165,10 @@ def format_report(report: dict[str, Any]) -> str:
             "files: checked {checked} of {candidates} new or changed instances: {ok} readable, "
             "{missing} missing, {denied} denied, {refused} refused, {errors} errors".format(**files)
         )
+    mirror = report.get("mirror")
+    if mirror:
+        out.append(
+            "mirror: {copied} files copied into A's bucket ({bytes_copied} bytes), {skipped} already there, "
+            "{failed} failed, of {candidates} new or changed instances".format(**mirror)
+        )
     return "\n".join(out)

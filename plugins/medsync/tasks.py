@@ -21,7 +21,7 @@ from medsync.config import LEVELS, SourceConfig, get_source_config
 from medsync.errors import MedsyncError
 from medsync.mapping import load_mapping
 from medsync.sources import open_source
-from medsync.sources.base import Buckets, RecordParser
+from medsync.sources.base import Buckets, DeletionMode, RecordParser
 from medsync.windows import RunFacts, Window, advances_watermark, plan_window, sync_kind
 
 log = logging.getLogger(__name__)
@@ -122,23 +122,34 @@ def level_window(conn: psycopg.Connection, run_id: int, level: str) -> Window:
 
 def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int = 1) -> dict[str, Any]:
     """Streams one level (one time slice of it) from the source into this run's staging table."""
-    from medsync import staging
+    from medsync import snapshot, staging
 
     cfg = get_source_config(source)
     parser = record_parser(cfg)
-    with open_source(cfg).connect() as client, connect_a(cfg) as conn:
+    src = open_source(cfg)
+    with src.connect() as client, connect_a(cfg) as conn:
         window = staging.window_slice(level_window(conn, run_id, level), slices, slice_index)
+        # A source without tombstones: when its snapshot is due, the first slice lists the level whole.
+        snapshot_now = (
+            src.deletion_mode(level) is DeletionMode.SNAPSHOT
+            and slice_index == 0
+            and snapshot.due(conn, cfg, level, run_id)
+        )
         counts = staging.pull_level(
             conn,
             source=source,
             level=level,
             run_id=run_id,
-            pages=client.iter_pages(level, window.since, window.until),
+            pages=client.iter_listing(level) if snapshot_now else client.iter_pages(level, window.since, window.until),
             parser=parser,
             slice_index=slice_index,
             retry_quarantine=slice_index == 0,
             commit_rows=cfg.staging_commit_rows,
         ).as_dict()
+        if snapshot_now:
+            counts["snapshot"] = snapshot.stage_tombstones(
+                conn, source=source, level=level, run_id=run_id, slice_index=slice_index, listed=counts["records"]
+            )
         conn.execute(
             "UPDATE medsync.sync_run_level SET pull_counts = pull_counts || jsonb_build_object(%s::text, %s::jsonb)"
             " WHERE run_id = %s AND level = %s",
@@ -252,3 +263,46 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
             f"{cfg.file_check.max_failures}: check the bucket and the IAM grant of {cfg.storage.aws_conn_id}"
         )
     return {k: v for k, v in figures.items() if k != "examples"}
+
+
+def mirror_files(source: str, run_id: int) -> dict[str, Any]:
+    """Copies the files of the instances this run inserted or changed into A's bucket (``files: mirror``).
+
+    The figures go to the run's report (``mirror``); the task fails when more files than
+    ``file_check.max_failures`` could not be copied.
+    """
+    from medsync.errors import StorageError
+    from medsync.hooks.storage import InstanceFileHook
+    from medsync.mirror import mirror_instance_files
+
+    cfg = get_source_config(source)
+    src = open_source(cfg)
+    settings = src.file_mirror
+    if settings is None:
+        return {"mirrored": 0, "skipped": True}
+    hook = InstanceFileHook(source, storage=cfg.storage)
+    with src.connect() as client, connect_a(cfg) as conn:
+        row = conn.execute("SELECT started_at FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
+        if row is None:
+            raise MedsyncError(f"run {run_id} is unknown")
+        result = mirror_instance_files(
+            conn,
+            source=source,
+            client=client,
+            s3=hook.get_conn(),
+            settings=settings,
+            changed_since=row[0],
+            check_location=hook.check_location,
+            attempts=cfg.max_attempts,
+        )
+        conn.execute(
+            "UPDATE medsync.sync_run"
+            " SET report = coalesce(report, '{}'::jsonb) || jsonb_build_object('mirror', %s::jsonb) WHERE id = %s",
+            (Jsonb(result.as_dict()), run_id),
+        )
+    if result.failed > cfg.file_check.max_failures:
+        raise StorageError(
+            f"{source}: {result.summary()}: more files could not be copied than the allowed "
+            f"{cfg.file_check.max_failures} (instance ids in the run's report, medsync.sync_run.report->'mirror')"
+        )
+    return {k: v for k, v in result.as_dict().items() if k != "examples"}

@@ -22,6 +22,8 @@ Nothing heavy is imported here: config and the DAG factory import this module at
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -95,6 +97,16 @@ class StagedRecord:
     empty for a tombstone."""
 
 
+@dataclass(frozen=True, slots=True)
+class FileMirror:
+    """How a source whose files A must copy (a PACS has no bucket A can read) has them copied."""
+
+    workers: int
+    """Files copied at once (threads)."""
+    part_bytes: int
+    """Files larger than this are uploaded to A's bucket in parts of this size (S3 multipart)."""
+
+
 class RecordRejected(ValueError):
     """A record that cannot be stored as it is: quarantined with ``reason``, retried every run.
 
@@ -111,6 +123,12 @@ class RecordRejected(ValueError):
         self.source_key = source_key
         self.updated_at = updated_at
         self.payload = payload
+
+
+def synthetic_key(raw: object) -> str:
+    """A stable key for a record whose own key is unusable, so that it can still be quarantined."""
+    body = json.dumps(raw, sort_keys=True, default=str).encode()
+    return "?sha256:" + hashlib.sha256(body).hexdigest()[:32]
 
 
 class RecordParser(Protocol):
@@ -158,6 +176,14 @@ class SourceClient(ABC):
         """Live records per level now (``{"subject": n, ...}``), or None when the source has no counts."""
         return None
 
+    def iter_file(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Iterator[bytes]:
+        """The bytes of one instance's file, in chunks (``Source.file_mirror`` sources only).
+
+        Raises ``SourceApiError`` when the source does not have it, ``SourceUnavailableError`` when
+        it cannot answer now.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not serve files")
+
     def close(self) -> None:  # noqa: B027 - a client without resources need not override it
         """Releases the client's connections."""
 
@@ -203,6 +229,11 @@ class Source(ABC):
     def has_counts(self) -> bool:
         """Whether :meth:`SourceClient.counts` answers (reports say what they could not check)."""
         return False
+
+    @property
+    def file_mirror(self) -> FileMirror | None:
+        """Set when A keeps its own copy of the source's files (``medsync.mirror``): B and C have buckets."""
+        return None
 
     @property
     def max_page_size(self) -> int | None:

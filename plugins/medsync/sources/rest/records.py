@@ -28,8 +28,6 @@ earlier B parser's did (``tests/test_records.py`` holds them).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +37,7 @@ from medsync.errors import MappingError
 from medsync.levels import spec as level_spec
 from medsync.levels import staged_columns
 from medsync.mapping import EnumMapping, Mapping, UnknownValue
-from medsync.sources.base import Buckets, RawPage, RecordRejected, StagedRecord
+from medsync.sources.base import Buckets, RawPage, RecordRejected, StagedRecord, synthetic_key
 from medsync.sources.rest import converters
 from medsync.sources.rest.spec import (
     DeletedAtDeletions,
@@ -66,12 +64,6 @@ class _Refused(Exception):
 
 Getter = Callable[[dict[str, Any]], Any]
 """Reads one value out of a record dict; ``_MISSING`` when a path segment is absent or null."""
-
-
-def synthetic_key(raw: object) -> str:
-    """A stable key for a record whose own key is unusable, so it can still be quarantined."""
-    body = json.dumps(raw, sort_keys=True, default=str).encode()
-    return "?sha256:" + hashlib.sha256(body).hexdigest()[:32]
 
 
 def _getter(path: str) -> Getter:

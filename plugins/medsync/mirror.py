@@ -1,0 +1,194 @@
+"""Copies the files of a source that has no bucket A can read (a PACS) into A's own bucket.
+
+After the instance merge, :func:`mirror_instance_files` takes every live instance of the source
+that the run inserted or changed (``updated_at`` since the run started) and copies its file from
+the source (``SourceClient.iter_file``) to the row's ``storage_bucket``/``storage_key``, which
+for such a source are A's bucket and a key made from the UIDs: the one presign path then serves
+A's copy with A's identity. Per file:
+
+- streamed: the source's chunks go to a spooled temporary file (memory up to ``SPOOL_BYTES``,
+  disk beyond), hashed (SHA-256) and counted on the way;
+- skipped when A's copy already has that size and checksum (``x-amz-meta-sha256``), so a re-run
+  uploads nothing;
+- uploaded with boto3's managed transfer: multipart above ``part_bytes``;
+- retried (tenacity) on transient failures of the source or of S3; a file that still cannot be
+  had is counted as failed with the instance's id (never a name or UID) and the reason class.
+
+Files are copied ``workers`` at a time (``concurrent.futures``). Sources with a bucket of their
+own (B, C) have no ``file_mirror`` and are never copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from medsync.errors import MedsyncError, SourceApiError, SourceUnavailableError, StorageError
+from medsync.sources.base import FileMirror, SourceClient
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+SPOOL_BYTES = 8 * 1024 * 1024
+CHECKSUM_KEY = "sha256"
+MAX_EXAMPLES = 5
+
+_CANDIDATES = """
+SELECT i.id, st.study_uid, se.series_uid, i.sop_instance_uid, i.storage_bucket, i.storage_key, i.content_type
+FROM imaging.instance i
+JOIN imaging.sequence se ON se.id = i.sequence_id
+JOIN imaging.study st ON st.id = se.study_id
+WHERE i.source_system = %s AND i.deleted_at IS NULL AND i.updated_at >= %s
+ORDER BY i.id
+"""
+
+
+class _Transient(MedsyncError):
+    """A failure worth another attempt (the source or S3 could not answer now)."""
+
+
+@dataclass
+class MirrorResult:
+    candidates: int = 0
+    copied: int = 0
+    skipped: int = 0
+    failed: int = 0
+    bytes_copied: int = 0
+    seconds: float = 0.0
+    reasons: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    """A's instance ids of files that could not be copied (at most 5)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("reasons", "examples")}
+        out["seconds"] = round(self.seconds, 3)
+        out["reasons"] = dict(self.reasons)
+        out["examples"] = list(self.examples)
+        return out
+
+    def summary(self) -> str:
+        return (
+            f"mirrored {self.copied} of {self.candidates} files ({self.bytes_copied} bytes), "
+            f"{self.skipped} already in A's bucket, {self.failed} failed in {self.seconds:.1f}s"
+        )
+
+
+def _same_copy(s3: Any, bucket: str, key: str, size: int, checksum: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404:
+            return False
+        raise
+    return int(head.get("ContentLength", -1)) == size and head.get("Metadata", {}).get(CHECKSUM_KEY) == checksum
+
+
+def _copy_one(
+    client: SourceClient, s3: Any, row: tuple[Any, ...], settings: FileMirror, attempts: int
+) -> tuple[str, int]:
+    """Copies one file; returns ("copied" | "skipped", bytes). Raises SourceApiError/StorageError when it cannot."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    _, study_uid, series_uid, sop_uid, bucket, key, content_type = row
+    transfer = TransferConfig(multipart_threshold=settings.part_bytes, multipart_chunksize=settings.part_bytes)
+
+    @retry(
+        retry=retry_if_exception_type(_Transient),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.5, max=30),
+        reraise=True,
+    )
+    def attempt() -> tuple[str, int]:
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+            digest, size = hashlib.sha256(), 0
+            try:
+                for chunk in client.iter_file(study_uid, series_uid, sop_uid):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    spool.write(chunk)
+            except SourceUnavailableError as exc:
+                raise _Transient(str(exc)) from exc
+            checksum = digest.hexdigest()
+            try:
+                if _same_copy(s3, bucket, key, size, checksum):
+                    return "skipped", 0
+                spool.seek(0)
+                s3.upload_fileobj(
+                    spool,
+                    bucket,
+                    key,
+                    ExtraArgs={
+                        "ContentType": content_type or "application/dicom",
+                        "Metadata": {CHECKSUM_KEY: checksum},
+                    },
+                    Config=transfer,
+                )
+            except (BotoCoreError, ClientError) as exc:
+                raise _Transient(f"S3: {type(exc).__name__}") from exc
+            return "copied", size
+
+    try:
+        return attempt()
+    except _Transient as exc:
+        raise StorageError(str(exc)) from None
+
+
+def mirror_instance_files(
+    conn: psycopg.Connection,
+    *,
+    source: str,
+    client: SourceClient,
+    s3: Any,
+    settings: FileMirror,
+    changed_since: datetime,
+    check_location: Any,
+    attempts: int = 4,
+) -> MirrorResult:
+    """Copies the files of the source's instances written since ``changed_since`` into A's bucket.
+
+    ``s3`` is a boto3 S3 client with A's identity; ``check_location(bucket, key)`` raises
+    ``StorageError`` for a location A would not presign (it is then counted as failed).
+    """
+    started = time.monotonic()
+    result = MirrorResult()
+    rows = conn.execute(_CANDIDATES, (source, changed_since)).fetchall()
+    result.candidates = len(rows)
+
+    def one(row: tuple[Any, ...]) -> tuple[str, int]:
+        check_location(row[4], row[5])
+        return _copy_one(client, s3, row, settings, attempts)
+
+    with ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="medsync-mirror") as pool:
+        futures = {pool.submit(one, row): row[0] for row in rows}
+        for future in as_completed(futures):
+            try:
+                outcome, size = future.result()
+            except (SourceApiError, SourceUnavailableError, StorageError) as exc:
+                result.failed += 1
+                result.reasons[type(exc).__name__ + ": " + str(exc).split(": ")[-1][:60]] += 1
+                if len(result.examples) < MAX_EXAMPLES:
+                    result.examples.append(str(futures[future]))
+                continue
+            if outcome == "copied":
+                result.copied += 1
+                result.bytes_copied += size
+            else:
+                result.skipped += 1
+    result.seconds = time.monotonic() - started
+    log.info("%s: %s", source, result.summary())
+    return result

@@ -1,0 +1,49 @@
+"""pytest fixtures for a real PACS: a private Orthanc with its DICOMweb plugin, loaded with synthetic DICOM.
+
+Import the fixtures a test module needs (``from pacs_fixtures import orthanc, loaded_pacs``).
+Orthanc is installed when missing (``devstack.orthanc.ensure_installed``); the tests skip, with
+the reason, only when that is impossible on the machine (no apt-get, not root).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from devstack.dicom_gen import Catalogue, generate
+from devstack.orthanc import Orthanc, ensure_installed, orthanc_server
+
+PACS_SEED = 7
+PACS_PATIENTS = 120
+"""About 2,900 instances in 120 patients, 240 studies, 480 series."""
+
+
+@dataclass(frozen=True)
+class LoadedPacs:
+    orthanc: Orthanc
+    catalogue: Catalogue
+
+
+def start_orthanc() -> Iterator[Orthanc]:
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    with orthanc_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def orthanc() -> Iterator[Orthanc]:
+    """An empty private Orthanc, one per test module."""
+    yield from start_orthanc()
+
+
+@pytest.fixture(scope="module")
+def loaded_pacs(orthanc: Orthanc) -> LoadedPacs:
+    """The module's Orthanc loaded through STOW-RS with ~2,900 synthetic instances."""
+    catalogue = Catalogue()
+    stored = orthanc.stow(generate(seed=PACS_SEED, patients=PACS_PATIENTS, catalogue=catalogue))
+    assert stored == len(catalogue.instances)
+    return LoadedPacs(orthanc, catalogue)

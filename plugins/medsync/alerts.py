@@ -78,7 +78,8 @@ def run_url(alerts: AlertsConfig, dag_id: str, dag_run_id: str, task_id: str | N
 
 def _ledger_query(run_id: int | None, source: str, dag_run_id: str) -> str:
     where = f"id = {run_id}" if run_id is not None else f"source_system = '{source}' AND dag_run_id = '{dag_run_id}'"
-    return f"A's database: SELECT status, failed_task, error_class, error_message, report FROM medsync.sync_run WHERE {where}"
+    columns = "status, failed_task, error_class, error_message, report"
+    return f"A's database: SELECT {columns} FROM medsync.sync_run WHERE {where}"
 
 
 def failure_alert(

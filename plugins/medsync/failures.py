@@ -54,7 +54,8 @@ def describe_error(exc: BaseException | str | None) -> tuple[str, str, bool | No
     if isinstance(exc, MedsyncError):
         return type(exc).__name__, str(exc), exc.permanent
     if isinstance(exc, AirflowTaskTimeout):
-        return "AirflowTaskTimeout", "the task ran longer than its execution_timeout (task_timeouts in the config)", False
+        message = "the task ran longer than its execution_timeout (task_timeouts in the config)"
+        return "AirflowTaskTimeout", message, False
     if isinstance(exc, AirflowTaskTerminated):
         return "AirflowTaskTerminated", "the task was terminated (marked failed, or its run was stopped)", None
     sqlstate = getattr(getattr(exc, "diag", None), "sqlstate", None) or getattr(exc, "sqlstate", None)

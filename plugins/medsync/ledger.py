@@ -161,8 +161,7 @@ def fail(
     stays succeeded. Returns None if prepare never registered the run."""
     with conn.transaction():
         before = conn.execute(
-            "SELECT error_class IS NULL FROM medsync.sync_run WHERE source_system = %s AND dag_run_id = %s"
-            " FOR UPDATE",
+            "SELECT error_class IS NULL FROM medsync.sync_run WHERE source_system = %s AND dag_run_id = %s FOR UPDATE",
             (source, dag_run_id),
         ).fetchone()
         row = conn.execute(

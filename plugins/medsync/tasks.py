@@ -139,7 +139,12 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
             log.info("run %d does not sync %s (levels chosen in the trigger form): nothing to pull", run_id, level)
             return {"level": level, "slice": slice_index, "skipped": True, "staged": 0, "quarantined": 0}
         window = staging.window_slice(level_window, slices, slice_index)
+        full_refresh = ledger.get_run(conn, run_id).run_type == FULL_REFRESH
         with open_source(cfg).connect() as client:
+            # A full refresh pulls about what the source's counts say (one request), so its progress
+            # lines can say what is left; a window's share of them is unknown.
+            source_counts = client.counts() if full_refresh else None
+            expected = int(source_counts[level]) // slices if source_counts and level in source_counts else None
             counts = staging.pull_level(
                 conn,
                 source=source,
@@ -150,6 +155,7 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
                 slice_index=slice_index,
                 retry_quarantine=slice_index == 0,
                 commit_rows=cfg.staging_commit_rows,
+                expected_records=expected,
             ).as_dict()
         ledger.record_pull(conn, run_id, level, slice_index, counts)
     return {"level": level, "slice": slice_index, "staged": counts["staged"], "quarantined": counts["quarantined"]}

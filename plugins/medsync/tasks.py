@@ -220,10 +220,22 @@ def report(source: str, run_id: int) -> dict[str, Any]:
         # check_files already put its figures under "files"; keep them beside the levels.
         result = ledger.add_to_report(conn, run_id, result)
     log.info("sync report for %s run %d:\n%s", source, run_id, format_report(result))
+    alert_on_report(cfg, result)
     check_full_refresh(result)
     figures = {level: {c: f.get(c) for c in COLUMNS} for level, f in result["levels"].items()}
     return {"run_id": run_id, "kind": result["kind"], "dry_run": bool(result.get("dry_run")), "levels": figures,
             }  # fmt: skip
+
+
+def alert_on_report(cfg: SourceConfig, result: dict[str, Any]) -> list[str]:
+    """Tells someone when the report crosses the source's thresholds (``alerts.thresholds``); returns the findings."""
+    from medsync import alerts
+
+    findings = alerts.report_findings(result, cfg.alerts.thresholds)
+    if findings:
+        log.warning("report of run %s crosses thresholds: %s", result.get("run_id"), "; ".join(findings))
+        alerts.send(cfg.alerts, alerts.report_alert(cfg, result, findings))
+    return findings
 
 
 def finish(source: str, run_id: int) -> dict[str, Any]:

@@ -5,12 +5,14 @@ with the run's counts as the event's metadata; a dry run, or a level the run ski
 Copy this to schedule your own work (a search index, a cache) on A's tables.
 """
 
+import logging
 from typing import Any
 
 from airflow.sdk import DAG, task
 
 from medsync.dag_factory import a_table_asset
 
+log = logging.getLogger(__name__)
 A_TABLES = [a_table_asset(table) for table in ("subject", "study", "sequence", "instance")]
 
 with DAG(
@@ -27,7 +29,7 @@ with DAG(
         changed: dict[str, Any] = {}
         for asset, events in context["triggering_asset_events"].items():
             changed[asset.name] = [dict(e.extra) for e in events]
-        print(f"triggered by medsync: {changed}")
+        log.info("triggered by medsync: %s", changed)
         return changed
 
     summarize()

@@ -39,7 +39,7 @@ def smtp_server(received: Received) -> Iterator[int]:
     from aiosmtpd.controller import Controller
 
     class Handler:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's name)
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
             msg = message_from_bytes(envelope.content, policy=policy.default)
             body = msg.get_body(preferencelist=("html", "plain"))
             received.mails.append(
@@ -67,13 +67,13 @@ def webhook_server(received: Received) -> Iterator[int]:
     """An HTTP server on loopback that keeps every JSON body POSTed to it; yields its port."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             received.posts.append({"path": self.path, "json": json.loads(self.rfile.read(length) or b"null")})
             self.send_response(204)
             self.end_headers()
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             return  # quiet: the test reads what was received
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -189,10 +189,8 @@ class Env:
         return sorted(r[0] for r in rows)
 
     def a_rows(self) -> dict[str, list[tuple[Any, ...]]]:
-        return {
-            t: self.query(f"SELECT id, source_key, source_updated_at, deleted_at, xmin::text FROM imaging.{t} ORDER BY id")
-            for t in LEVELS
-        }
+        columns = "id, source_key, source_updated_at, deleted_at, xmin::text"
+        return {t: self.query(f"SELECT {columns} FROM imaging.{t} ORDER BY id") for t in LEVELS}
 
     def sync(self, dag_run_id: str, *, facts: RunFacts | None = None, **options: Any) -> dict[str, Any]:
         """One run, task by task in the DAG's order; returns each task's result."""

@@ -14,12 +14,15 @@ from __future__ import annotations
 import html
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 from airflow.sdk import BaseNotifier
 
 from medsync.config import LEVELS, AlertsConfig, AlertThresholds, SourceConfig
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +231,7 @@ def send(alerts: AlertsConfig, alert: Alert, context: Any = None) -> list[str]:
         name = type(notifier).__name__
         try:
             # notify(), not __call__: the message is final text, not a template to render.
-            notifier.notify(context or {})
+            notifier.notify(cast("Context", context or {}))
         except Exception as exc:  # noqa: BLE001  (any notifier, any transport: logged, the others still run)
             failed.append(name)
             log.error("alert %r not sent through %s: %s", alert.summary, name, type(exc).__name__)

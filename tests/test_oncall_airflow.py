@@ -112,3 +112,26 @@ def test_a_source_that_keeps_failing_transiently_is_retried(stack: Stack) -> Non
     assert errors == len(PULLS) * 3, f"{errors} answers 503: each pull should be tried 1 + 2 retries times"
     _, status, task, error_class, _ = stack.last_run()
     assert (status, error_class) == ("failed", "SourceUnavailableError") and task in PULLS
+
+
+def test_runs_airflow_ended_without_a_word_are_taken_over_by_the_next_run(stack: Stack) -> None:
+    # As if the last run's processes had been killed before any callback ran: the ledger says
+    # running, Airflow says failed. And a run the ledger knows but Airflow does not (deleted).
+    killed_id = stack.last_run()[0]
+    with psycopg.connect(stack.dsn) as conn:
+        conn.execute("UPDATE medsync.sync_run SET status = 'running', error_class = NULL, failed_task = NULL"
+                     " WHERE id = %s", (killed_id,))  # fmt: skip
+        gone_id = conn.execute(
+            "INSERT INTO medsync.sync_run (source_system, dag_run_id, run_type)"
+            " VALUES ('b', %s, 'manual') RETURNING id",
+            (f"manual__gone_{uuid.uuid4().hex[:6]}",),
+        ).fetchone()[0]
+        conn.execute(f"CREATE TABLE medsync.stage_b_subject_r{gone_id} (LIKE medsync.stage_subject)")
+
+    output = _run(stack, stack.env, full_refresh=True)
+
+    assert stack.last_run()[1] == "succeeded", output[-3000:]
+    ended = stack.query("SELECT id, status, error_class FROM medsync.sync_run WHERE id IN (%s, %s) ORDER BY id",
+                        killed_id, gone_id)  # fmt: skip
+    assert ended == [(killed_id, "failed", "RunEnded"), (gone_id, "failed", "RunEnded")]
+    assert stack.staging_tables(gone_id) == []

@@ -99,9 +99,10 @@ def _airflow_run_state(context: Any) -> Callable[[str], str | None]:
         from airflow.sdk.exceptions import AirflowRuntimeError
 
         try:
-            return str(ti.get_dagrun_state(dag_id=dag_id, run_id=dag_run_id))
+            found = ti.get_dagrun_state(dag_id=dag_id, run_id=dag_run_id)
         except AirflowRuntimeError:
             return None  # Airflow no longer knows the run (deleted): it has ended
+        return str(getattr(found, "value", found))  # a str Enum: its value, not "DagRunState.FAILED"
 
     return state
 

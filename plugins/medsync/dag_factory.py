@@ -96,12 +96,22 @@ def _airflow_run_state(context: Any) -> Callable[[str], str | None]:
     ti, dag_id = context["ti"], context["dag"].dag_id
 
     def state(dag_run_id: str) -> str | None:
+        from airflow.sdk.api.client import ServerResponseError
         from airflow.sdk.exceptions import AirflowRuntimeError
 
+        # 404: Airflow no longer knows the run (deleted), so it has ended. Any other error is raised:
+        # a run must not be taken over because the API could not be asked (prepare is retried).
         try:
             found = ti.get_dagrun_state(dag_id=dag_id, run_id=dag_run_id)
-        except AirflowRuntimeError:
-            return None  # Airflow no longer knows the run (deleted): it has ended
+        except AirflowRuntimeError as exc:  # the supervisor's answer, in a worker
+            detail = exc.error.detail if isinstance(exc.error.detail, dict) else {}
+            if detail.get("status_code") == 404:
+                return None
+            raise
+        except ServerResponseError as exc:  # the execution API's own answer, in-process (`airflow dags test`)
+            if exc.response.status_code == 404:
+                return None
+            raise
         return str(getattr(found, "value", found))  # a str Enum: its value, not "DagRunState.FAILED"
 
     return state

@@ -609,9 +609,18 @@ def oncall_after_scenario(stack: AirflowStack, a_dsn: str) -> dict[str, Any]:
         "pull_sequences": api.xcom("medsync_b", dry["dag_run_id"], "pull_sequences"),
         "medsync_run_id": medsync_run_id(a_dsn, dry["dag_run_id"]),
     }
+    # A run the ledger calls running but Airflow does not know (its processes died, the run was
+    # deleted): the next run's prepare asks Airflow through the worker and takes it over.
+    with psycopg.connect(a_dsn) as conn:
+        conn.execute("INSERT INTO medsync.sync_run (source_system, dag_run_id, run_type) VALUES ('b', %s, 'manual')",
+                     ("manual__gone_from_airflow",))  # fmt: skip
     real = api.trigger("medsync_b", conf={"full_refresh": False})
     api.wait_runs("medsync_b", [real["dag_run_id"]], timeout=300, alive=stack.check_alive)
     real_id = medsync_run_id(a_dsn, real["dag_run_id"])
+    with psycopg.connect(a_dsn) as conn:
+        out["gone"] = conn.execute(
+            "SELECT status, error_class FROM medsync.sync_run WHERE dag_run_id = 'manual__gone_from_airflow'"
+        ).fetchone()
     events: dict[str, list[dict[str, Any]]] = {}
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
@@ -823,6 +832,11 @@ def test_medsync_b_dry_run_of_some_levels_in_a_window_writes_nothing(e2e: E2EOut
     assert dry["report"]["dry_run"] is True and set(dry["report"]["levels"]) == {"subject", "study"}
     assert dry["merge_subjects"]["dry_run"] is True
     assert dry["pull_sequences"]["skipped"] is True
+
+
+@needs_medsync
+def test_medsync_b_takes_over_a_run_airflow_no_longer_knows(e2e: E2EOutcome) -> None:
+    assert _after(e2e)["gone"] == ("failed", "RunEnded")
 
 
 @needs_medsync

@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class Job:
     scenario: Scenario
     a_dsn: str
     snapshot: Callable[[str], Any]
+    after: Callable[[AirflowStack, str], dict[str, Any]] | None = None
+    """Run after the scenario, in the same stack (given it and ``a_dsn``); its result is ``snapshots["after"]``."""
 
 
 @dataclass
@@ -138,6 +141,8 @@ def run_e2e(config: StackConfig, jobs: Mapping[str, Job]) -> E2EOutcome:
                     job.scenario,
                     on_step=lambda step, _runs, job=job, out=out: out.snapshots.update({step: job.snapshot(job.a_dsn)}),
                 )
+                if job.after is not None:
+                    out.snapshots["after"] = job.after(stack, job.a_dsn)
             except Exception as exc:  # kept for the job's own test to raise
                 out.error = exc
             out.seconds = (datetime.now(UTC) - t0).total_seconds()
@@ -562,6 +567,82 @@ def assert_a_is_b(snapshot: dict[str, list[dict]], base_url: str, api_key: str) 
     assert a_counts == {t: counts[r] for t, r in LEVELS.items()}
 
 
+def watermarks(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT level, synced_until FROM medsync.watermark ORDER BY level").fetchall()
+
+
+def medsync_run_id(dsn: str, dag_run_id: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT id FROM medsync.sync_run WHERE dag_run_id = %s", (dag_run_id,)).fetchone()
+    assert row is not None, dag_run_id
+    return int(row[0])
+
+
+def oncall_after_scenario(stack: AirflowStack, a_dsn: str) -> dict[str, Any]:
+    """Repairs from the trigger form and A's assets, through /api/v2 as the UI does them.
+
+    The trigger form's params (what the UI renders), a conf the form would refuse, a dry run
+    of two levels in an exact window (nothing written, no watermark moved, no asset event),
+    then a real run, after which example_downstream (scheduled on A's tables) runs with the
+    merges' counts as its triggering events' metadata.
+    """
+    api, out = stack.api, {}
+    api.wait_dag_parsed("example_downstream", alive=stack.check_alive)
+    api.unpause("example_downstream")
+    out["params"] = api.get("/dags/medsync_b/details")["params"]
+    out["refused"] = api.request(
+        "POST", "/dags/medsync_b/dagRuns", expect=(400, 422),
+        json={"logical_date": None, "conf": {"levels": ["patients"]}},
+    )  # fmt: skip
+    downstream_before = {r["dag_run_id"] for r in api.dag_runs("example_downstream")}
+    a_before, marks_before = a_snapshot(a_dsn), watermarks(a_dsn)
+    since, until = datetime(2026, 1, 1, tzinfo=UTC), datetime.now(UTC).replace(microsecond=0)
+    conf = {"dry_run": True, "levels": ["subject", "study"], "since": since.isoformat(), "until": until.isoformat()}
+    dry = api.trigger("medsync_b", conf=conf)
+    api.wait_runs("medsync_b", [dry["dag_run_id"]], timeout=300, alive=stack.check_alive)
+    out["dry_run"] = {
+        "a_unchanged": a_snapshot(a_dsn) == a_before,
+        "watermarks_unchanged": watermarks(a_dsn) == marks_before,
+        "report": api.xcom("medsync_b", dry["dag_run_id"], "report"),
+        "merge_subjects": api.xcom("medsync_b", dry["dag_run_id"], "merge_subjects"),
+        "pull_sequences": api.xcom("medsync_b", dry["dag_run_id"], "pull_sequences"),
+        "medsync_run_id": medsync_run_id(a_dsn, dry["dag_run_id"]),
+    }
+    # A run the ledger calls running but Airflow does not know (its processes died, the run was
+    # deleted): the next run's prepare asks Airflow through the worker and takes it over.
+    with psycopg.connect(a_dsn) as conn:
+        conn.execute("INSERT INTO medsync.sync_run (source_system, dag_run_id, run_type) VALUES ('b', %s, 'manual')",
+                     ("manual__gone_from_airflow",))  # fmt: skip
+    real = api.trigger("medsync_b", conf={"full_refresh": False})
+    api.wait_runs("medsync_b", [real["dag_run_id"]], timeout=300, alive=stack.check_alive)
+    real_id = medsync_run_id(a_dsn, real["dag_run_id"])
+    with psycopg.connect(a_dsn) as conn:
+        out["gone"] = conn.execute(
+            "SELECT status, error_class FROM medsync.sync_run WHERE dag_run_id = 'manual__gone_from_airflow'"
+        ).fetchone()
+    events: dict[str, list[dict[str, Any]]] = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        e.get("extra", {}).get("run_id") == real_id for evs in events.values() for e in evs
+    ):
+        time.sleep(2)
+        stack.check_alive()
+        for run in api.dag_runs("example_downstream"):
+            if run["dag_run_id"] in downstream_before:
+                continue
+            if run["state"] in ("success", "failed"):
+                rid = run["dag_run_id"]
+                events[rid] = api.get(f"/dags/example_downstream/dagRuns/{rid}/upstreamAssetEvents")["asset_events"]
+    out["downstream"] = {
+        "runs": {r["dag_run_id"]: r["state"] for r in api.dag_runs("example_downstream")
+                 if r["dag_run_id"] not in downstream_before},
+        "events": events,
+        "real_run_id": real_id,
+    }  # fmt: skip
+    return out
+
+
 # ======================================================================================
 # One stack per executor, running every job; the tests below read what it recorded.
 # ======================================================================================
@@ -588,7 +669,9 @@ def e2e(
     variables: dict[str, str] = {}
     if medsync_env:
         dbs.append(_fresh_db(a_template_db, "medsync"))
-        jobs["medsync_b"] = Job(medsync_env.scenario, dbs[1][1], a_snapshot)
+        # The on-call checks (trigger form, dry run, assets) once, under the LocalExecutor.
+        after = oncall_after_scenario if executor == "LocalExecutor" else None
+        jobs["medsync_b"] = Job(medsync_env.scenario, dbs[1][1], a_snapshot, after)
         connections.update(medsync_env.connections(dbs[1][1]))
         variables["medsync_b_bucket"] = medsync_env.bucket
     config = StackConfig(
@@ -719,6 +802,60 @@ def test_medsync_b_ends_the_same_under_celery(e2e: E2EOutcome) -> None:
     local = local_outcome().jobs["medsync_b"]
     local.ok()
     assert e2e.jobs["medsync_b"].snapshots == local.snapshots
+
+
+# --- on call: repairs from the trigger form, A's assets ---------------------------------------------------
+
+
+def _after(e2e: E2EOutcome) -> dict[str, Any]:
+    if e2e.executor != "LocalExecutor":
+        pytest.skip("the on-call checks run once, under the LocalExecutor")
+    e2e.jobs["medsync_b"].ok()
+    return e2e.jobs["medsync_b"].snapshots["after"]
+
+
+@needs_medsync
+def test_medsync_b_trigger_form_offers_the_repairs_with_descriptions(e2e: E2EOutcome) -> None:
+    after = _after(e2e)
+    params = after["params"]
+    for name in ("full_refresh", "levels", "since", "until", "dry_run"):
+        assert params[name]["description"], name
+        assert params[name]["schema"]["title"] and params[name]["schema"]["type"], name
+    assert params["since"]["schema"]["format"] == "date-time"
+    assert "patients" in str(after["refused"])  # a level that does not exist is refused at the trigger
+
+
+@needs_medsync
+def test_medsync_b_dry_run_of_some_levels_in_a_window_writes_nothing(e2e: E2EOutcome) -> None:
+    dry = _after(e2e)["dry_run"]
+    assert dry["a_unchanged"] and dry["watermarks_unchanged"]
+    assert dry["report"]["dry_run"] is True and set(dry["report"]["levels"]) == {"subject", "study"}
+    assert dry["merge_subjects"]["dry_run"] is True
+    assert dry["pull_sequences"]["skipped"] is True
+
+
+@needs_medsync
+def test_medsync_b_takes_over_a_run_airflow_no_longer_knows(e2e: E2EOutcome) -> None:
+    assert _after(e2e)["gone"] == ("failed", "RunEnded")
+
+
+@needs_medsync
+def test_medsync_b_merges_schedule_the_downstream_dag_through_their_assets(e2e: E2EOutcome) -> None:
+    down = _after(e2e)["downstream"]
+    mine = {
+        rid: evs
+        for rid, evs in down["events"].items()
+        if any(e["extra"].get("run_id") == down["real_run_id"] for e in evs)
+    }
+    assert mine, down
+    assert all(down["runs"][rid] == "success" for rid in mine)
+    events = [e for evs in mine.values() for e in evs]
+    uris = {e["uri"] for e in events}
+    assert {f"x-medsync://a/imaging/{t}" for t in ("subject", "study", "sequence", "instance")} <= uris
+    for e in events:
+        assert e["extra"]["source"] == "b" and "inserted" in e["extra"] and "updated" in e["extra"]
+    dry_id = _after(e2e)["dry_run"]["medsync_run_id"]
+    assert not any(e["extra"].get("run_id") == dry_id for evs in down["events"].values() for e in evs)
 
 
 def test_medsync_helpers() -> None:

@@ -119,6 +119,84 @@ class SnapshotConfig(_Strict):
     (None: only full refreshes)."""
 
 
+class TaskTimeoutsConfig(_Strict):
+    """Each task's ``execution_timeout``, in minutes: a task that hangs fails (and is retried)."""
+
+    prepare_minutes: float = Field(default=30, gt=0)
+    pull_minutes: float = Field(default=360, gt=0)
+    """A whole level's window: a full refresh of millions of records at the source's rate limit."""
+    merge_minutes: float = Field(default=240, gt=0)
+    check_files_minutes: float = Field(default=30, gt=0)
+    report_minutes: float = Field(default=60, gt=0)
+    finish_minutes: float = Field(default=15, gt=0)
+
+
+class DatabaseConfig(_Strict):
+    """Bounds of every PostgreSQL session a task opens on A's database."""
+
+    connect_timeout_seconds: int = Field(default=10, ge=1)
+    statement_timeout_seconds: int = Field(default=7200, ge=1)
+    """No single statement runs longer (a full refresh's largest merge statement included)."""
+
+
+class EmailAlertConfig(_Strict):
+    """E-mail through the smtp provider's ``SmtpNotifier`` (host, port, login in the connection)."""
+
+    smtp_conn_id: str
+    to: tuple[str, ...] = Field(min_length=1)
+    from_email: str | None = None
+    """Defaults to the connection's ``from_email`` extra."""
+
+
+class WebhookAlertConfig(_Strict):
+    """An HTTP POST of a JSON document (``HttpHook``): the connection's host is the URL's base."""
+
+    http_conn_id: str
+    endpoint: str = ""
+    timeout_seconds: float = Field(default=10, gt=0)
+
+
+class SlackAlertConfig(_Strict):
+    """Slack through the slack provider's ``SlackWebhookNotifier`` (only where that provider is installed)."""
+
+    slack_webhook_conn_id: str
+
+    @model_validator(mode="after")
+    def _provider_installed(self) -> SlackAlertConfig:
+        from importlib.util import find_spec
+
+        if find_spec("airflow.providers.slack") is None:
+            raise ValueError("apache-airflow-providers-slack is not installed here: remove alerts.slack")
+        return self
+
+
+class AlertThresholds(_Strict):
+    """When a run's report alerts, although the run succeeded. ``null`` turns one off."""
+
+    quarantined: int | None = Field(default=1, ge=1)
+    """Records newly held back by this run, all levels together."""
+    pending_older_than_days: float | None = Field(default=3, gt=0)
+    """Records waiting for their parent for longer than this."""
+    file_check_failures: int | None = Field(default=1, ge=1)
+    """Sampled files not readable with the source's identity."""
+    reconciliation_drift: int | None = Field(default=1, ge=1)
+    """A full refresh found A's kept live count off by at least this many rows (rows changed outside medsync)."""
+    older_than_a: int | None = Field(default=1, ge=1)
+    """Records the source served in a version older than A holds (the source went back in time?)."""
+
+
+class AlertsConfig(_Strict):
+    """Who is told, through Airflow notifiers. Only connection ids here: addresses and keys are in them."""
+
+    email: EmailAlertConfig | None = None
+    webhook: WebhookAlertConfig | None = None
+    slack: SlackAlertConfig | None = None
+    on_failure: bool = True
+    thresholds: AlertThresholds = AlertThresholds()
+    ui_base_url: str | None = None
+    """The Airflow UI's address, for links in alerts; defaults to what Airflow says (``[api] base_url``)."""
+
+
 class SourceConfig(_Strict):
     """One source's settings, as written in ``include/sources/<name>.yaml``."""
 
@@ -162,6 +240,9 @@ class SourceConfig(_Strict):
     file_check: FileCheckConfig = FileCheckConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
     """Used only by sources whose deletions are found by a snapshot compare (``medsync.snapshot``)."""
+    task_timeouts: TaskTimeoutsConfig = TaskTimeoutsConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @field_validator("name")
     @classmethod
@@ -180,6 +261,15 @@ class SourceConfig(_Strict):
         if value not in known_protocols():
             raise ValueError(f"unknown protocol {value!r}; known: {', '.join(known_protocols())}")
         return value
+
+    @model_validator(mode="after")
+    def _timeouts_agree(self) -> SourceConfig:
+        # A merge waits up to lock_timeout_seconds for another run: its statement and its task must outlast that.
+        if self.database.statement_timeout_seconds <= self.lock_timeout_seconds:
+            raise ValueError("database.statement_timeout_seconds must be larger than lock_timeout_seconds")
+        if self.task_timeouts.merge_minutes * 60 <= self.lock_timeout_seconds:
+            raise ValueError("task_timeouts.merge_minutes must be longer than lock_timeout_seconds")
+        return self
 
     @model_validator(mode="after")
     def _mapping_default(self) -> SourceConfig:

@@ -24,7 +24,7 @@ from psycopg import sql
 
 from medsync import live_count
 from medsync.config import LEVELS
-from medsync.errors import ReconciliationError
+from medsync.errors import ReconciliationError, SourceBehindError
 from medsync.levels import spec
 from medsync.schema import SCHEMA
 from medsync.sources.base import SourceClient
@@ -33,9 +33,23 @@ from medsync.windows import FULL_REFRESH
 log = logging.getLogger(__name__)
 
 COLUMNS = (
-    "pulled", "inserted", "updated", "unchanged", "deleted", "quarantined", "pending",
+    "pulled", "inserted", "updated", "unchanged", "deleted", "older_than_a", "quarantined", "pending",
     "a_live", "source_live", "difference",
 )  # fmt: skip
+"""``older_than_a``: records the source sent in a version older than the one A (or its tombstone
+memory) holds. The merge never applies them; a few come from races with late commits, many mean
+the source went back in time (a replica restored from an older backup)."""
+
+
+def source_behind_message(source: str, older: dict[str, int]) -> str:
+    """What on-call reads when the source serves older versions than A holds."""
+    total = sum(older.values())
+    per_level = ", ".join(f"{level} {n}" for level, n in older.items() if n)
+    return (
+        f"source {source} is behind A: it served {total} records in versions older than A holds ({per_level}). "
+        "The source went back in time (a replica restored from an older backup, a failover to a lagging one?). "
+        "A kept its newer rows; ask the source's team which copy is current before syncing again"
+    )
 
 
 def _sum_slices(pull_counts: dict[str, Any], key: str) -> int:
@@ -51,10 +65,10 @@ def build_report(
     lock_timeout_seconds: int = 1800,
 ) -> dict[str, Any]:
     """The run's figures per level; ``lock_timeout_seconds`` bounds the wait for an exact count."""
-    run = conn.execute("SELECT run_type, started_at FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
-    if run is None:
-        raise ReconciliationError(f"run {run_id} is unknown")
-    kind = run[0]
+    from medsync import ledger
+
+    run = ledger.get_run(conn, run_id)
+    kind = run.run_type
     rows = conn.execute(
         "SELECT level, since, until, pull_counts, merge_counts FROM medsync.sync_run_level WHERE run_id = %s",
         (run_id,),
@@ -89,12 +103,13 @@ def build_report(
             "SELECT count(*) FROM medsync.quarantine WHERE source_system = %s AND level = %s AND resolved_at IS NULL",
             (source, level),
         ).fetchone()
-        pending: tuple[Any, ...] | None = (0,)
+        pending: tuple[Any, ...] | None = (0, None)
         if spec(level).parent_level:
             pending = conn.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE source_system = %s").format(
-                    sql.Identifier(SCHEMA, f"pending_{level}")
-                ),
+                sql.SQL(
+                    "SELECT count(*), extract(epoch FROM now() - min(pending_since)) / 86400"
+                    " FROM {} WHERE source_system = %s"
+                ).format(sql.Identifier(SCHEMA, f"pending_{level}")),
                 (source,),
             ).fetchone()
         source_live = None if source_counts is None else int(source_counts[level])
@@ -108,9 +123,11 @@ def build_report(
             "updated": int(merge_counts.get("updated", 0)),
             "unchanged": int(merge_counts.get("unchanged", 0)),
             "stale": int(merge_counts.get("stale", 0)),
+            "older_than_a": int(merge_counts.get("stale", 0)),
             "deleted": int(merge_counts.get("deleted", 0)) + cascaded.get(level, 0),
             "quarantined": int(quarantined[0]) if quarantined else 0,
             "pending": int(pending[0]) if pending else 0,
+            "oldest_pending_days": round(float(pending[1]), 2) if pending and pending[1] is not None else None,
             "a_live": a_live_n,
             "source_live": source_live,
             "difference": None if source_live is None else a_live_n - source_live,
@@ -119,7 +136,8 @@ def build_report(
             # Live in the source but deleted in A because a parent is: A's rule, not a loss.
             levels[level]["deleted_with_parent"] = exact[level].deleted_with_parent
             levels[level]["live_count_drift"] = exact[level].drift
-    if kind == FULL_REFRESH:
+    dry_run = bool(run.options.get("dry_run"))
+    if kind == FULL_REFRESH and not dry_run:
         now = datetime.now(UTC)
         for level, figures in levels.items():
             until = datetime.fromisoformat(figures["window"][1])
@@ -127,12 +145,16 @@ def build_report(
             figures["changed_after_window"] = sum(
                 len(page.items) for page in client.iter_pages(level, until, now) if not page.deletions
             )
-    return {"source": source, "run_id": run_id, "kind": kind, "levels": levels}
+    return {"source": source, "run_id": run_id, "dag_run_id": run.dag_run_id, "kind": kind, "dry_run": dry_run,
+            "options": run.options, "levels": levels}  # fmt: skip
 
 
 def check_full_refresh(report: dict[str, Any]) -> None:
-    if report["kind"] != FULL_REFRESH:
-        return
+    if report["kind"] != FULL_REFRESH or report.get("dry_run"):
+        return  # a dry run wrote nothing: A is not expected to match the source
+    older = {level: int(f.get("older_than_a") or 0) for level, f in report["levels"].items()}
+    if any(older.values()):
+        raise SourceBehindError(source_behind_message(report["source"], older))
     problems = []
     for level, f in report["levels"].items():
         if f["difference"] is None:
@@ -152,10 +174,13 @@ def format_report(report: dict[str, Any]) -> str:
     header = ["level", *COLUMNS]
     # Stored as jsonb, which does not keep key order: list levels parents first again.
     levels = [(level, report["levels"][level]) for level in LEVELS if level in report["levels"]]
-    lines = [[level, *("-" if f[c] is None else str(f[c]) for c in COLUMNS)] for level, f in levels]
+    lines = [[level, *("-" if f.get(c) is None else str(f[c]) for c in COLUMNS)] for level, f in levels]
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    out = [f"source {report['source']}, run {report['run_id']} ({report['kind']})", fmt.format(*header)]
+    title = f"source {report['source']}, run {report['run_id']} ({report['kind']})"
+    if report.get("dry_run"):
+        title += ": DRY RUN, nothing was written to A; inserted/updated/deleted are what a sync would do"
+    out = [title, fmt.format(*header)]
     out += [fmt.format(*r) for r in lines]
     if any(f["source_live"] is None for _, f in levels):
         out.append("source_live -: the source gives no counts, so A's live rows could not be checked against it")

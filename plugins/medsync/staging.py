@@ -42,6 +42,10 @@ READ_AHEAD_PAGES = 2
 T = TypeVar("T")
 
 
+PROGRESS_SECONDS = 30.0
+"""A long pull logs a progress line at least this often (on-call can tell a slow pull from a stuck one)."""
+
+
 def staging_table_name(source: str, level: str, run_id: int) -> str:
     return f"stage_{source}_{level}_r{run_id}"
 
@@ -239,6 +243,8 @@ def pull_level(
     retry_quarantine: bool = True,
     commit_rows: int = 50_000,
     new_id: Callable[[], Any] = uuid7,
+    expected_records: int | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
 ) -> PullCounts:
     """Stages one level (or one slice of it) for a run; returns what it counted.
 
@@ -247,6 +253,10 @@ def pull_level(
     ``conn`` must be in autocommit mode: this function commits every ``commit_rows`` staged
     rows so that no transaction stays open for a whole window. ``new_id`` makes the id a
     record gets if it is new to A: a UUID object (binary COPY), by default a UUIDv7.
+
+    A long pull logs its progress every ``progress_seconds``: records and pages so far, the
+    rate, and, given ``expected_records`` (what the source's counts say the window holds),
+    about how many records and seconds are left. One clock read per page.
     """
     started = time.monotonic()
     counts = PullCounts()
@@ -292,10 +302,13 @@ def pull_level(
                         exhausted = True
                 quarantine.flush(conn)
 
+    progress = Progress(level, slice_index, expected_records, progress_seconds)
+
     def source_records() -> Iterator[tuple[object, StagedRecord | RecordRejected]]:
         for page in read_ahead(pages):
             counts.pages += 1
             counts.records += len(page.items)
+            progress.page(counts.records, counts.pages)
             # parse_page answers once per item, in page order: zip pairs each with its raw item.
             yield from zip(page.items, parser.parse_page(level, page), strict=True)
 
@@ -316,6 +329,32 @@ def pull_level(
         counts.quarantined, counts.quarantine_retried, counts.quarantine_still_held, counts.seconds,
     )  # fmt: skip
     return counts
+
+
+class Progress:
+    """Logs a pull's progress at most every ``every`` seconds: one clock read per page."""
+
+    def __init__(self, level: str, slice_index: int, expected: int | None, every: float) -> None:
+        self.what = f"{level} slice {slice_index}"
+        self.expected, self.every = expected, every
+        self.started = time.monotonic()
+        self.next_at = self.started + every
+
+    def page(self, records: int, pages: int) -> None:
+        now = time.monotonic()
+        if now >= self.next_at:
+            self.next_at = now + self.every
+            log.info("%s", self.line(records, pages, now - self.started))
+
+    def line(self, records: int, pages: int, seconds: float) -> str:
+        """Counts and rate only, and what is left where the source has counts."""
+        rate = records / seconds if seconds > 0 else 0.0
+        line = f"pulling {self.what}: {records} records in {pages} pages after {seconds:.0f}s ({rate:.0f}/s)"
+        if self.expected is not None and self.expected > 0:
+            left = max(self.expected - records, 0)
+            eta = f", about {left / rate:.0f}s" if rate > 0 else ""
+            line += f"; about {left} of {self.expected} records left{eta}"
+        return line
 
 
 def window_slice(window: Window, slices: int, index: int) -> Window:

@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from datetime import timedelta
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
+from medsync import ledger
 from medsync.config import LEVELS, SourceConfig, get_source_config
-from medsync.errors import MedsyncError
+from medsync.errors import RunParamsError, SourceBehindError
 from medsync.mapping import load_mapping
 from medsync.sources import open_source
 from medsync.sources.base import Buckets, DeletionMode, RecordParser
-from medsync.windows import RunFacts, Window, advances_watermark, plan_window, sync_kind
+from medsync.windows import FULL_REFRESH, REPAIR, RunFacts, advances_watermark, plan_window, sync_kind
 
 log = logging.getLogger(__name__)
-
-STAGING_RETENTION = timedelta(days=3)
 
 
 def get_variable(name: str) -> str | None:
@@ -48,7 +47,11 @@ def get_variable(name: str) -> str | None:
 def connect_a(cfg: SourceConfig) -> psycopg.Connection:
     from medsync.hooks.a_database import ADatabaseHook
 
-    return ADatabaseHook(cfg.connections.db_conn_id).get_conn()
+    return ADatabaseHook(
+        cfg.connections.db_conn_id,
+        connect_timeout_seconds=cfg.database.connect_timeout_seconds,
+        statement_timeout_seconds=cfg.database.statement_timeout_seconds,
+    ).get_conn()
 
 
 def buckets(cfg: SourceConfig, variable: Callable[[str], str | None] = get_variable) -> Buckets:
@@ -60,64 +63,69 @@ def record_parser(cfg: SourceConfig, variable: Callable[[str], str | None] = get
     return open_source(cfg).parser(load_mapping(cfg.mapping_path), buckets(cfg, variable))
 
 
-def prepare(source: str, *, dag_run_id: str, facts: RunFacts) -> dict[str, Any]:
-    """Migrates medsync's schema, checks A's tables and the mapping, registers the run, plans windows."""
+def run_options(levels: Iterable[str] | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """The run's repair options as the ledger keeps them; refuses an unknown or empty level list."""
+    chosen = list(LEVELS) if levels is None else list(levels)
+    unknown = sorted(set(chosen) - set(LEVELS))
+    if unknown or not chosen:
+        raise RunParamsError(f"levels must be a non-empty subset of {', '.join(LEVELS)}; got {chosen}")
+    return {"levels": [level for level in LEVELS if level in chosen], "dry_run": bool(dry_run)}
+
+
+def prepare(
+    source: str,
+    *,
+    dag_run_id: str,
+    facts: RunFacts,
+    levels: Iterable[str] | None = None,
+    dry_run: bool = False,
+    airflow_run_state: Callable[[str], str | None] | None = None,
+) -> dict[str, Any]:
+    """Migrates medsync's schema, checks A's tables and the mapping, registers the run, plans windows.
+
+    ``levels`` limits the run to some levels (parents are still looked up in A by the merge);
+    ``dry_run`` stages and decides but writes nothing to A. ``airflow_run_state`` answers
+    Airflow's state of another run of this DAG (None: unknown), so that a run the ledger
+    still calls running, but that Airflow has ended (its process was killed before any
+    callback ran), is marked failed and its staging dropped now.
+    """
     from medsync import live_count, merge, schema, staging
 
     cfg = get_source_config(source)
     mapping = load_mapping(cfg.mapping_path)
     record_parser(cfg)  # refuses a mapping that does not feed every column the protocol maps
     kind = sync_kind(facts)
+    options = run_options(levels, dry_run)
+    if kind == REPAIR:
+        options.update(since=facts.since.isoformat() if facts.since else None,
+                       until=facts.until.isoformat() if facts.until else None)  # fmt: skip
     with connect_a(cfg) as conn:
         schema.migrate(conn)
         schema.check_a_tables(conn)
         schema.check_mapping(conn, mapping)
         live_count.ensure(conn, source, lock_timeout_seconds=cfg.lock_timeout_seconds)
-        with conn.transaction():
-            row = conn.execute(
-                "INSERT INTO medsync.sync_run (source_system, dag_run_id, run_type) VALUES (%s, %s, %s)"
-                " ON CONFLICT (source_system, dag_run_id) DO UPDATE"
-                " SET run_type = excluded.run_type, status = 'running', finished_at = NULL, report = NULL"
-                " RETURNING id",
-                (source, dag_run_id, kind),
-            ).fetchone()
-            assert row is not None
-            run_id = int(row[0])
-            marks: dict[str, datetime] = dict(
-                conn.execute(
-                    "SELECT level, synced_until FROM medsync.watermark WHERE source_system = %s", (source,)
-                ).fetchall()
-            )
-            windows: dict[str, list[str]] = {}
-            for level in LEVELS:
-                window = plan_window(facts, marks.get(level), timedelta(minutes=cfg.lookback_minutes))
-                conn.execute(
-                    "INSERT INTO medsync.sync_run_level (run_id, level, since, until) VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT (run_id, level) DO UPDATE SET since = excluded.since, until = excluded.until,"
-                    " pull_counts = '{}', merge_counts = '{}'",
-                    (run_id, level, window.since, window.until),
-                )
-                windows[level] = [window.since.isoformat(), window.until.isoformat()]
-        # Staging of runs that ended (or were abandoned long ago) is scratch: drop it.
-        stale_runs = conn.execute(
-            "SELECT id FROM medsync.sync_run WHERE source_system = %s AND id <> %s"
-            " AND (status <> 'running' OR started_at < now() - %s)",
-            (source, run_id, STAGING_RETENTION),
-        ).fetchall()
-        for (old_run,) in stale_runs:
+        marks = ledger.watermarks(conn, source)
+        lookback = timedelta(minutes=cfg.lookback_minutes)
+        planned = {level: plan_window(facts, marks.get(level), lookback) for level in options["levels"]}
+        run_id = ledger.register_run(conn, source, dag_run_id, kind, windows=planned, options=options)
+        windows = {level: [w.since.isoformat(), w.until.isoformat()] for level, w in planned.items()}
+        for old_run, old_dag_run_id, status in ledger.other_runs(conn, source, run_id):
+            if status == ledger.RUNNING:
+                state = airflow_run_state(old_dag_run_id) if airflow_run_state else "running"
+                if state not in (None, "success", "failed"):
+                    continue  # still running (a backfill beside this run): its staging is its own
+                ledger.fail(
+                    conn, source, old_dag_run_id, task_id=None, error_class="RunEnded",
+                    message=f"Airflow ended the run ({state or 'no longer known'}) before medsync heard why "
+                    "(its task process was killed?): see the run's task logs",
+                )  # fmt: skip
+                log.warning("run %d (%s) was still running in the ledger; Airflow says %s: marked failed",
+                            old_run, old_dag_run_id, state)  # fmt: skip
+            # Staging of runs that ended is scratch: drop it.
             staging.drop_staging_tables(conn, source, old_run)
             merge.drop_work_tables(conn, source, old_run)
-    log.info("run %d of %s (%s): windows %s", run_id, source, kind, windows)
-    return {"run_id": run_id, "kind": kind, "windows": windows}
-
-
-def level_window(conn: psycopg.Connection, run_id: int, level: str) -> Window:
-    row = conn.execute(
-        "SELECT since, until FROM medsync.sync_run_level WHERE run_id = %s AND level = %s", (run_id, level)
-    ).fetchone()
-    if row is None:
-        raise MedsyncError(f"run {run_id} has no window for {level}: re-run prepare")
-    return Window(row[0], row[1])
+    log.info("run %d of %s (%s, %s): windows %s", run_id, source, kind, options, windows)
+    return {"run_id": run_id, "kind": kind, "windows": windows, **options}
 
 
 def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int = 1) -> dict[str, Any]:
@@ -126,62 +134,88 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
 
     cfg = get_source_config(source)
     parser = record_parser(cfg)
-    src = open_source(cfg)
-    with src.connect() as client, connect_a(cfg) as conn:
-        window = staging.window_slice(level_window(conn, run_id, level), slices, slice_index)
+    with connect_a(cfg) as conn:
+        level_window = ledger.level_window(conn, run_id, level)
+        if level_window is None:
+            log.info("run %d does not sync %s (levels chosen in the trigger form): nothing to pull", run_id, level)
+            return {"level": level, "slice": slice_index, "skipped": True, "staged": 0, "quarantined": 0}
+        window = staging.window_slice(level_window, slices, slice_index)
+        full_refresh = ledger.get_run(conn, run_id).run_type == FULL_REFRESH
+        src = open_source(cfg)
         # A source without tombstones: when its snapshot is due, the first slice lists the level whole.
         snapshot_now = (
             src.deletion_mode(level) is DeletionMode.SNAPSHOT
             and slice_index == 0
             and snapshot.due(conn, cfg, level, run_id)
         )
-        counts = staging.pull_level(
-            conn,
-            source=source,
-            level=level,
-            run_id=run_id,
-            pages=client.iter_listing(level) if snapshot_now else client.iter_pages(level, window.since, window.until),
-            parser=parser,
-            slice_index=slice_index,
-            retry_quarantine=slice_index == 0,
-            commit_rows=cfg.staging_commit_rows,
-        ).as_dict()
+        with src.connect() as client:
+            # A full refresh pulls about what the source's counts say (one request), so its progress
+            # lines can say what is left; a window's share of them is unknown.
+            source_counts = client.counts() if full_refresh else None
+            expected = int(source_counts[level]) // slices if source_counts and level in source_counts else None
+            counts = staging.pull_level(
+                conn,
+                source=source,
+                level=level,
+                run_id=run_id,
+                pages=client.iter_listing(level)
+                if snapshot_now
+                else client.iter_pages(level, window.since, window.until),
+                parser=parser,
+                slice_index=slice_index,
+                retry_quarantine=slice_index == 0,
+                commit_rows=cfg.staging_commit_rows,
+                expected_records=expected,
+            ).as_dict()
         if snapshot_now:
             counts["snapshot"] = snapshot.stage_tombstones(
                 conn, source=source, level=level, run_id=run_id, slice_index=slice_index, listed=counts["records"]
             )
-        conn.execute(
-            "UPDATE medsync.sync_run_level SET pull_counts = pull_counts || jsonb_build_object(%s::text, %s::jsonb)"
-            " WHERE run_id = %s AND level = %s",
-            (f"slice_{slice_index}", Jsonb(counts), run_id, level),
-        )
+        ledger.record_pull(conn, run_id, level, slice_index, counts)
     return {"level": level, "slice": slice_index, "staged": counts["staged"], "quarantined": counts["quarantined"]}
 
 
 def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
-    """Merges this run's staging (and pending records) of one level into A's table."""
+    """Merges this run's staging (and pending records) of one level into A's table.
+
+    A dry run decides every record exactly as a merge would, inside one transaction that is
+    rolled back: it reports what would be inserted, updated and deleted and writes nothing.
+    A full refresh fails as soon as a level's source served versions older than A holds (the
+    source went back in time); the merge never applies those, so A keeps its newer rows.
+    """
     from medsync.merge import merge_level
+    from medsync.report import source_behind_message
 
     cfg = get_source_config(source)
     parent_lookup = open_source(cfg).parent_link(level).column if level != LEVELS[0] else "source_key"
     with connect_a(cfg) as conn:
-        counts = merge_level(
-            conn,
-            source=source,
-            level=level,
-            parent_lookup=parent_lookup,
-            run_id=run_id,
-            batch_size=cfg.merge_batch_size,
-            lock_timeout_seconds=cfg.lock_timeout_seconds,
-            sessions=cfg.merge_sessions,
-            connect=lambda: connect_a(cfg),
-        ).as_dict()
-        conn.execute(
-            "UPDATE medsync.sync_run_level SET merge_counts = %s WHERE run_id = %s AND level = %s",
-            (Jsonb(counts), run_id, level),
-        )
-    figures = ("inserted", "updated", "unchanged", "pending", "sessions", "build_seconds", "write_seconds")
-    return {"level": level, **{k: counts[k] for k in figures}}
+        run = ledger.get_run(conn, run_id)
+        if ledger.level_window(conn, run_id, level) is None:
+            log.info("run %d does not sync %s (levels chosen in the trigger form): nothing to merge", run_id, level)
+            return {"level": level, "skipped": True}
+        dry_run = bool(run.options.get("dry_run"))
+        with conn.transaction(force_rollback=True) if dry_run else nullcontext():
+            counts = merge_level(
+                conn,
+                source=source,
+                level=level,
+                parent_lookup=parent_lookup,
+                run_id=run_id,
+                batch_size=cfg.merge_batch_size,
+                lock_timeout_seconds=cfg.lock_timeout_seconds,
+                # A dry run's batches are savepoints of one transaction, on one session.
+                sessions=1 if dry_run else cfg.merge_sessions,
+                connect=None if dry_run else (lambda: connect_a(cfg)),
+            ).as_dict()
+        counts["dry_run"] = dry_run
+        ledger.record_merge(conn, run_id, level, counts)
+    if dry_run:
+        log.info("dry run %d: %s would insert %d, update %d, delete %d (nothing written)",
+                 run_id, level, counts["inserted"], counts["updated"], counts["deleted"])  # fmt: skip
+    if run.run_type == FULL_REFRESH and counts["stale"]:
+        raise SourceBehindError(source_behind_message(source, {level: int(counts["stale"])}))
+    figures = ("inserted", "updated", "unchanged", "stale", "pending", "sessions", "build_seconds", "write_seconds")
+    return {"level": level, "dry_run": dry_run, **{k: counts[k] for k in figures}}
 
 
 def report(source: str, run_id: int) -> dict[str, Any]:
@@ -198,15 +232,24 @@ def report(source: str, run_id: int) -> dict[str, Any]:
             lock_timeout_seconds=cfg.lock_timeout_seconds,
         )
         # check_files already put its figures under "files"; keep them beside the levels.
-        row = conn.execute(
-            "UPDATE medsync.sync_run SET report = coalesce(report, '{}'::jsonb) || %s WHERE id = %s RETURNING report",
-            (Jsonb(result), run_id),
-        ).fetchone()
-        result = row[0] if row else result
+        result = ledger.add_to_report(conn, run_id, result)
     log.info("sync report for %s run %d:\n%s", source, run_id, format_report(result))
+    alert_on_report(cfg, result)
     check_full_refresh(result)
-    figures = {level: {c: f[c] for c in COLUMNS} for level, f in result["levels"].items()}
-    return {"run_id": run_id, "kind": result["kind"], "levels": figures}
+    figures = {level: {c: f.get(c) for c in COLUMNS} for level, f in result["levels"].items()}
+    return {"run_id": run_id, "kind": result["kind"], "dry_run": bool(result.get("dry_run")), "levels": figures,
+            }  # fmt: skip
+
+
+def alert_on_report(cfg: SourceConfig, result: dict[str, Any]) -> list[str]:
+    """Tells someone when the report crosses the source's thresholds (``alerts.thresholds``); returns the findings."""
+    from medsync import alerts
+
+    findings = alerts.report_findings(result, cfg.alerts.thresholds)
+    if findings:
+        log.warning("report of run %s crosses thresholds: %s", result.get("run_id"), "; ".join(findings))
+        alerts.send(cfg.alerts, alerts.report_alert(cfg, result, findings))
+    return findings
 
 
 def finish(source: str, run_id: int) -> dict[str, Any]:
@@ -215,23 +258,9 @@ def finish(source: str, run_id: int) -> dict[str, Any]:
 
     cfg = get_source_config(source)
     with connect_a(cfg) as conn:
-        with conn.transaction():
-            row = conn.execute("SELECT run_type FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
-            if row is None:
-                raise MedsyncError(f"run {run_id} is unknown")
-            advanced = advances_watermark(row[0])
-            if advanced:
-                conn.execute(
-                    "INSERT INTO medsync.watermark (source_system, level, synced_until, run_id)"
-                    " SELECT %s, level, until, run_id FROM medsync.sync_run_level WHERE run_id = %s"
-                    " ON CONFLICT (source_system, level) DO UPDATE"
-                    " SET synced_until = excluded.synced_until, run_id = excluded.run_id, updated_at = now()"
-                    " WHERE medsync.watermark.synced_until < excluded.synced_until",
-                    (source, run_id),
-                )
-            conn.execute(
-                "UPDATE medsync.sync_run SET status = 'succeeded', finished_at = now() WHERE id = %s", (run_id,)
-            )
+        run = ledger.get_run(conn, run_id)
+        advanced = advances_watermark(run.run_type) and not run.options.get("dry_run")
+        ledger.succeed(conn, source, run_id, advance_watermarks=advanced)
         staging.drop_staging_tables(conn, source, run_id)
         merge.drop_work_tables(conn, source, run_id)
     return {"run_id": run_id, "watermark_advanced": advanced}
@@ -246,16 +275,12 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
     if not cfg.file_check.enabled or cfg.file_check.sample_size == 0:
         return {"checked": 0, "skipped": True}
     with connect_a(cfg) as conn:
-        row = conn.execute("SELECT started_at FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
-        if row is None:
-            raise MedsyncError(f"run {run_id} is unknown")
-        result = check_instance_files(conn, cfg, changed_since=row[0], sample_size=cfg.file_check.sample_size)
+        run = ledger.get_run(conn, run_id)
+        if run.options.get("dry_run"):
+            return {"checked": 0, "skipped": True}  # a dry run changed no instance
+        result = check_instance_files(conn, cfg, changed_since=run.started_at, sample_size=cfg.file_check.sample_size)
         figures = result.as_dict()
-        conn.execute(
-            "UPDATE medsync.sync_run"
-            " SET report = coalesce(report, '{}'::jsonb) || jsonb_build_object('files', %s::jsonb) WHERE id = %s",
-            (Jsonb(figures), run_id),
-        )
+        ledger.add_to_report(conn, run_id, {"files": figures})
     log.info("file check for %s run %d: %s", source, run_id, result.summary())
     if result.failed(cfg.file_check.max_failures):
         raise StorageError(
@@ -282,24 +307,20 @@ def mirror_files(source: str, run_id: int) -> dict[str, Any]:
         return {"mirrored": 0, "skipped": True}
     hook = InstanceFileHook(source, storage=cfg.storage)
     with src.connect() as client, connect_a(cfg) as conn:
-        row = conn.execute("SELECT started_at FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
-        if row is None:
-            raise MedsyncError(f"run {run_id} is unknown")
+        run = ledger.get_run(conn, run_id)
+        if run.options.get("dry_run"):
+            return {"mirrored": 0, "skipped": True}  # a dry run changed no instance
         result = mirror_instance_files(
             conn,
             source=source,
             client=client,
             s3=hook.get_conn(),
             settings=settings,
-            changed_since=row[0],
+            changed_since=run.started_at,
             check_location=hook.check_location,
             attempts=cfg.max_attempts,
         )
-        conn.execute(
-            "UPDATE medsync.sync_run"
-            " SET report = coalesce(report, '{}'::jsonb) || jsonb_build_object('mirror', %s::jsonb) WHERE id = %s",
-            (Jsonb(result.as_dict()), run_id),
-        )
+        ledger.add_to_report(conn, run_id, {"mirror": result.as_dict()})
     if result.failed > cfg.file_check.max_failures:
         raise StorageError(
             f"{source}: {result.summary()}: more files could not be copied than the allowed "

@@ -8,11 +8,14 @@ Every run syncs a bounded window; B is never asked for an open-ended one.
 - manual: its interval if it has one (from the watermark if that is earlier, because a
   manual run advances the watermark too); otherwise from the watermark (minus the
   lookback), or from the beginning when nothing was ever synced, until the run's start;
-- full refresh: from the beginning until the run's start.
+- full refresh: from the beginning until the run's start;
+- repair (``since`` and ``until`` given in the trigger form): exactly that window, no
+  lookback, whatever the run's type.
 
 The watermark is kept per source and level. It advances only after a successful
 scheduled, manual or full-refresh run, to that run's ``until``, and never moves
-backwards; backfills leave it alone (they re-sync the past).
+backwards; backfills and repairs leave it alone (they re-sync the past), and so does a
+dry run.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 
+from medsync.errors import RunParamsError
+
 BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 """``since`` of a full refresh: before any record B can hold."""
 
-SCHEDULED, MANUAL, BACKFILL, FULL_REFRESH = "scheduled", "manual", "backfill", "full_refresh"
+SCHEDULED, MANUAL, BACKFILL, FULL_REFRESH, REPAIR = "scheduled", "manual", "backfill", "full_refresh", "repair"
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,27 @@ class RunFacts:
     run_after: datetime
     """When the run was due or triggered: the 'run start' of a manual or full run; stable across retries."""
     full_refresh: bool = False
+    since: datetime | None = None
+    """With ``until``: the exact window of a repair run (the trigger form's ``since``/``until``)."""
+    until: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if (self.since is None) != (self.until is None):
+            raise RunParamsError("a repair window needs both since and until")
+        if self.since is not None and self.until is not None:
+            if self.full_refresh:
+                raise RunParamsError("full_refresh syncs everything: give it no since/until")
+            if self.since.tzinfo is None or self.until.tzinfo is None:
+                raise RunParamsError("since and until need a UTC offset (e.g. 2026-03-01T00:00:00+00:00)")
+            if not self.since < self.until:
+                raise RunParamsError(f"since {self.since.isoformat()} is not before until {self.until.isoformat()}")
 
 
 def sync_kind(facts: RunFacts) -> str:
     if facts.full_refresh:
         return FULL_REFRESH
+    if facts.since is not None:
+        return REPAIR
     if facts.airflow_run_type == "backfill":
         return BACKFILL
     if facts.airflow_run_type == "scheduled":
@@ -75,6 +96,9 @@ def plan_window(facts: RunFacts, watermark: datetime | None, lookback: timedelta
     kind = sync_kind(facts)
     if kind == FULL_REFRESH:
         since, until = BEGINNING, facts.run_after
+    elif kind == REPAIR:
+        assert facts.since is not None and facts.until is not None
+        return Window(max(facts.since, BEGINNING), facts.until)
     elif kind in (SCHEDULED, BACKFILL) or _has_interval(facts):
         if not _has_interval(facts):
             raise ValueError(f"a {kind} run needs a data interval; the DAG's timetable must give one")

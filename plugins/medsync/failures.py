@@ -1,0 +1,120 @@
+"""What happens when a task or a run fails: no retry of what cannot succeed, a true ledger, an alert.
+
+- ``fail_fast`` wraps every task body: a permanent ``MedsyncError`` (``errors.is_permanent``)
+  becomes Airflow's ``AirflowFailException`` with the same message, so the task fails at
+  once instead of sitting out its retries; anything else is left to Airflow's retries.
+- ``task_failed`` is every task's ``on_failure_callback`` (called once the task has failed
+  for good, in the task's process, or by Airflow for a task whose process died): it marks
+  the run ``failed`` in ``medsync.sync_run`` with the task, the error's class and message,
+  and sends the failure alert.
+- ``run_failed`` is the DAG's ``on_failure_callback`` (the run failed, was marked failed or
+  timed out): it marks the run failed if no task did, drops the run's staging and work
+  tables (no task of the run runs any more), and alerts if no task-level alert went out.
+
+Messages come only from medsync's own errors, which carry no record contents. Any other
+exception (a database error may quote a row) is recorded by class (and SQLSTATE) only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from medsync.errors import MedsyncError, is_permanent
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """Turns a permanent ``MedsyncError`` raised in the block into ``AirflowFailException`` (no retries)."""
+    try:
+        yield
+    except MedsyncError as exc:
+        if not is_permanent(exc):
+            raise
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def describe_error(exc: BaseException | str | None) -> tuple[str, str, bool | None]:
+    """(class, message, permanent) of a task's error, safe for the ledger and alerts."""
+    if exc is None:
+        return "Unknown", "Airflow gave no error (the task's process died, or it was marked failed)", None
+    if isinstance(exc, str):
+        # Airflow passes a text for a task whose process it lost (heartbeat timeout).
+        return "TaskLost", exc[:500], None
+    from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTerminated, AirflowTaskTimeout
+
+    if isinstance(exc, AirflowFailException) and isinstance(exc.__cause__, MedsyncError):
+        exc = exc.__cause__
+    if isinstance(exc, MedsyncError):
+        return type(exc).__name__, str(exc), exc.permanent
+    if isinstance(exc, AirflowTaskTimeout):
+        message = "the task ran longer than its execution_timeout (task_timeouts in the config)"
+        return "AirflowTaskTimeout", message, False
+    if isinstance(exc, AirflowTaskTerminated):
+        return "AirflowTaskTerminated", "the task was terminated (marked failed, or its run was stopped)", None
+    sqlstate = getattr(getattr(exc, "diag", None), "sqlstate", None) or getattr(exc, "sqlstate", None)
+    detail = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+    return (
+        type(exc).__name__,
+        f"{type(exc).__module__}.{type(exc).__name__}{detail}; its text may quote record contents, "
+        "so it is only in the task log",
+        False,
+    )
+
+
+def task_failed(source: str, context: Any) -> None:
+    """A task failed for good: the ledger says so now, and someone is told."""
+    from medsync import alerts, ledger
+    from medsync.config import get_source_config
+    from medsync.tasks import connect_a
+
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context["dag_run"]
+    task_id = getattr(ti, "task_id", None)
+    error_class, message, permanent = describe_error(context.get("exception"))
+    cfg = get_source_config(source)
+    with connect_a(cfg) as conn:
+        failed = ledger.fail(conn, source, dag_run.run_id, task_id=task_id, error_class=error_class, message=message)
+    run_id = failed.run.id if failed else None
+    log.error("run %s of %s failed in %s: %s: %s", dag_run.run_id, source, task_id, error_class, message)
+    if cfg.alerts.on_failure and (failed is None or failed.first):
+        alert = alerts.failure_alert(
+            cfg,
+            dag_run_id=dag_run.run_id,
+            run_id=run_id,
+            task_id=task_id,
+            error_class=error_class,
+            message=message,
+            try_number=getattr(ti, "try_number", None),
+            max_tries=getattr(ti, "max_tries", None),
+            permanent=permanent,
+        )
+        alerts.send(cfg.alerts, alert, context)
+
+
+def run_failed(source: str, context: Any) -> None:
+    """The whole run failed: the ledger says so if no task did, the run's staging is dropped."""
+    from medsync import alerts, ledger, merge, staging
+    from medsync.config import get_source_config
+    from medsync.tasks import connect_a
+
+    dag_run = context["dag_run"]
+    reason = str(context.get("reason") or "the run failed")
+    cfg = get_source_config(source)
+    with connect_a(cfg) as conn:
+        failed = ledger.fail(conn, source, dag_run.run_id, task_id=None, error_class="RunFailed", message=reason)
+        if failed is not None:
+            staging.drop_staging_tables(conn, source, failed.run.id)
+            merge.drop_work_tables(conn, source, failed.run.id)
+    log.error("run %s of %s failed (%s); its staging is dropped", dag_run.run_id, source, reason)
+    if cfg.alerts.on_failure and failed is not None and failed.first:
+        alert = alerts.failure_alert(
+            cfg, dag_run_id=dag_run.run_id, run_id=failed.run.id, task_id=None, error_class="RunFailed", message=reason
+        )
+        alerts.send(cfg.alerts, alert, context)

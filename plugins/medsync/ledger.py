@@ -1,0 +1,200 @@
+"""The run ledger: ``medsync.sync_run``, ``medsync.sync_run_level`` and ``medsync.watermark``.
+
+Every read and write of a run's state goes through here, so that what a run is (running,
+succeeded, failed with its reason), the windows it syncs, what each step counted and how
+far each level is synced are decided in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from medsync.errors import MedsyncError
+from medsync.windows import Window
+
+log = logging.getLogger(__name__)
+
+RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
+MESSAGE_LIMIT = 2000
+"""Characters of an error message kept: enough to say what happened, never a page of output."""
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    source: str
+    dag_run_id: str
+    run_type: str
+    started_at: datetime
+    status: str
+    options: dict[str, Any]
+
+
+_RUN_COLUMNS = "id, source_system, dag_run_id, run_type, started_at, status, options"
+
+
+def register_run(
+    conn: psycopg.Connection,
+    source: str,
+    dag_run_id: str,
+    kind: str,
+    *,
+    windows: Mapping[str, Window],
+    options: Mapping[str, Any] | None = None,
+) -> int:
+    """Registers (or, for a re-run of prepare, resets) a run and its levels' windows; returns its id."""
+    with conn.transaction():
+        row = conn.execute(
+            "INSERT INTO medsync.sync_run (source_system, dag_run_id, run_type, options) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (source_system, dag_run_id) DO UPDATE"
+            " SET run_type = excluded.run_type, options = excluded.options, status = 'running', finished_at = NULL,"
+            " report = NULL, failed_task = NULL, error_class = NULL, error_message = NULL"
+            " RETURNING id",
+            (source, dag_run_id, kind, Jsonb(dict(options or {}))),
+        ).fetchone()
+        assert row is not None
+        run_id = int(row[0])
+        conn.execute("DELETE FROM medsync.sync_run_level WHERE run_id = %s", (run_id,))
+        for level, window in windows.items():
+            conn.execute(
+                "INSERT INTO medsync.sync_run_level (run_id, level, since, until) VALUES (%s, %s, %s, %s)",
+                (run_id, level, window.since, window.until),
+            )
+    return run_id
+
+
+def watermarks(conn: psycopg.Connection, source: str) -> dict[str, datetime]:
+    rows = conn.execute(
+        "SELECT level, synced_until FROM medsync.watermark WHERE source_system = %s", (source,)
+    ).fetchall()
+    return {str(level): until for level, until in rows}
+
+
+def get_run(conn: psycopg.Connection, run_id: int) -> Run:
+    row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
+    if row is None:
+        raise MedsyncError(f"run {run_id} is unknown")
+    return Run(int(row[0]), row[1], row[2], row[3], row[4], row[5], dict(row[6] or {}))
+
+
+def find_run(conn: psycopg.Connection, source: str, dag_run_id: str) -> Run | None:
+    row = conn.execute(
+        f"SELECT {_RUN_COLUMNS} FROM medsync.sync_run WHERE source_system = %s AND dag_run_id = %s",
+        (source, dag_run_id),
+    ).fetchone()
+    return None if row is None else Run(int(row[0]), row[1], row[2], row[3], row[4], row[5], dict(row[6] or {}))
+
+
+def level_window(conn: psycopg.Connection, run_id: int, level: str) -> Window | None:
+    """The level's window in this run, or None when the run does not sync the level."""
+    row = conn.execute(
+        "SELECT since, until FROM medsync.sync_run_level WHERE run_id = %s AND level = %s", (run_id, level)
+    ).fetchone()
+    return None if row is None else Window(row[0], row[1])
+
+
+def record_pull(conn: psycopg.Connection, run_id: int, level: str, slice_index: int, counts: dict[str, Any]) -> None:
+    conn.execute(
+        "UPDATE medsync.sync_run_level SET pull_counts = pull_counts || jsonb_build_object(%s::text, %s::jsonb)"
+        " WHERE run_id = %s AND level = %s",
+        (f"slice_{slice_index}", Jsonb(counts), run_id, level),
+    )
+
+
+def record_merge(conn: psycopg.Connection, run_id: int, level: str, counts: dict[str, Any]) -> None:
+    conn.execute(
+        "UPDATE medsync.sync_run_level SET merge_counts = %s WHERE run_id = %s AND level = %s",
+        (Jsonb(counts), run_id, level),
+    )
+
+
+def add_to_report(conn: psycopg.Connection, run_id: int, part: dict[str, Any]) -> dict[str, Any]:
+    """Merges ``part`` into the run's report (top-level keys) and returns the whole report."""
+    row = conn.execute(
+        "UPDATE medsync.sync_run SET report = coalesce(report, '{}'::jsonb) || %s WHERE id = %s RETURNING report",
+        (Jsonb(part), run_id),
+    ).fetchone()
+    return dict(row[0]) if row else part
+
+
+def succeed(conn: psycopg.Connection, source: str, run_id: int, *, advance_watermarks: bool) -> None:
+    """Marks the run succeeded and, when it may, moves each level's watermark to the run's ``until``
+    (never backwards), in one transaction."""
+    with conn.transaction():
+        if advance_watermarks:
+            conn.execute(
+                "INSERT INTO medsync.watermark (source_system, level, synced_until, run_id)"
+                " SELECT %s, level, until, run_id FROM medsync.sync_run_level WHERE run_id = %s"
+                " ON CONFLICT (source_system, level) DO UPDATE"
+                " SET synced_until = excluded.synced_until, run_id = excluded.run_id, updated_at = now()"
+                " WHERE medsync.watermark.synced_until < excluded.synced_until",
+                (source, run_id),
+            )
+        conn.execute("UPDATE medsync.sync_run SET status = 'succeeded', finished_at = now() WHERE id = %s", (run_id,))
+
+
+@dataclass(frozen=True)
+class Failed:
+    run: Run
+    first: bool
+    """True when this call recorded the run's reason (the first failure heard of): alert once."""
+
+
+def fail(
+    conn: psycopg.Connection,
+    source: str,
+    dag_run_id: str,
+    *,
+    task_id: str | None,
+    error_class: str,
+    message: str,
+) -> Failed | None:
+    """Marks the run failed with its reason. The first reason recorded is kept: it is the cause,
+    what follows (the run failing because a task did) is its consequence. A run that succeeded
+    stays succeeded. Returns None if prepare never registered the run."""
+    with conn.transaction():
+        before = conn.execute(
+            "SELECT error_class IS NULL FROM medsync.sync_run WHERE source_system = %s AND dag_run_id = %s FOR UPDATE",
+            (source, dag_run_id),
+        ).fetchone()
+        row = conn.execute(
+            "UPDATE medsync.sync_run SET status = 'failed', finished_at = coalesce(finished_at, now()),"
+            " failed_task = CASE WHEN error_class IS NULL THEN %s ELSE failed_task END,"
+            " error_message = CASE WHEN error_class IS NULL THEN %s ELSE error_message END,"
+            " error_class = coalesce(error_class, %s)"
+            " WHERE source_system = %s AND dag_run_id = %s AND status <> 'succeeded'"
+            f" RETURNING {_RUN_COLUMNS}",
+            (task_id, message[:MESSAGE_LIMIT], error_class, source, dag_run_id),
+        ).fetchone()
+    if row is None or before is None:
+        return None
+    run = Run(int(row[0]), row[1], row[2], row[3], row[4], row[5], dict(row[6] or {}))
+    return Failed(run, first=bool(before[0]))
+
+
+def failure(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
+    """What the ledger says about a run's end: status, failed task, error class and message."""
+    row = conn.execute(
+        "SELECT status, failed_task, error_class, error_message, finished_at FROM medsync.sync_run WHERE id = %s",
+        (run_id,),
+    ).fetchone()
+    if row is None:
+        raise MedsyncError(f"run {run_id} is unknown")
+    return {"status": row[0], "failed_task": row[1], "error_class": row[2], "error_message": row[3],
+            "finished_at": row[4]}  # fmt: skip
+
+
+def other_runs(conn: psycopg.Connection, source: str, run_id: int) -> list[tuple[int, str, str]]:
+    """Every other run of the source whose staging may still exist: (id, dag_run_id, status)."""
+    rows = conn.execute(
+        "SELECT id, dag_run_id, status FROM medsync.sync_run WHERE source_system = %s AND id <> %s ORDER BY id",
+        (source, run_id),
+    ).fetchall()
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]

@@ -1,0 +1,417 @@
+"""On call: failures that say what happened, reach someone, and never retry what cannot succeed.
+
+The task bodies (``medsync.tasks``) and the failure callbacks (``medsync.failures``) run here
+against a real PostgreSQL, the B simulator over HTTP, a real SMTP server (aiosmtpd) and a
+real HTTP webhook receiver on loopback. Airflow's own part (a context handed to a callback,
+``AirflowFailException`` ending retries) is exercised for real in test_oncall_airflow.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from oncall_receivers import ALERTS, Received, alert_connections, smtp_server, webhook_server
+
+from devstack.airflow_env import include_copy
+from medsync import errors, failures, ledger, tasks
+from medsync.config import LEVELS, SourceConfig, get_source_config
+from medsync.dag_factory import build_dag
+from medsync.errors import MedsyncError
+from medsync.sources.base import RawPage
+from medsync.windows import RunFacts
+from simulator import BSimulator, SimConfig
+
+API_KEY = "oncall-key-51c9e2"
+BASE = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+# --- errors that know whether to retry -------------------------------------------------------------------
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_all_subclasses(sub))]
+
+
+EXPECTED_PERMANENT = {
+    "ConfigError": True, "MappingError": True, "RunParamsError": True, "SchemaError": True,
+    "SourceApiError": True, "SourceUnavailableError": False, "MergeError": False,
+    "ReconciliationError": True, "SourceBehindError": True, "StorageError": True,
+}  # fmt: skip
+
+
+def test_every_medsync_error_says_itself_whether_it_is_permanent() -> None:
+    import medsync.sources.b_rest.client  # noqa: F401  (its private errors are MedsyncErrors too)
+
+    for cls in _all_subclasses(MedsyncError):
+        assert "permanent" in vars(cls) or cls.__module__ != "medsync.errors", cls
+        assert isinstance(cls.permanent, bool), cls
+    for name, permanent in EXPECTED_PERMANENT.items():
+        assert getattr(errors, name).permanent is permanent, name
+
+
+def test_a_permanent_error_fails_the_task_at_once_with_its_message() -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="SourceApiError: B GET /patients: HTTP 401") as caught:
+        with failures.fail_fast():
+            raise errors.SourceApiError("B GET /patients: HTTP 401 unauthorized: check the API key")
+    assert isinstance(caught.value.__cause__, errors.SourceApiError)
+    for transient in (errors.SourceUnavailableError("B kept answering 503"), errors.MergeError("lock")):
+        with pytest.raises(type(transient)):
+            with failures.fail_fast():
+                raise transient
+    with pytest.raises(psycopg.errors.SerializationFailure):  # not medsync's: Airflow retries it
+        with failures.fail_fast():
+            raise psycopg.errors.SerializationFailure("could not serialize access")
+
+
+def test_an_error_that_may_quote_a_record_is_recorded_by_class_only(a_db: str) -> None:
+    with psycopg.connect(a_db) as conn, pytest.raises(psycopg.errors.InvalidDatetimeFormat) as caught:
+        conn.execute("SELECT 'MRN-4471-SECRET'::date")
+    assert "MRN-4471-SECRET" in str(caught.value)
+    error_class, message, permanent = failures.describe_error(caught.value)
+    assert error_class == "InvalidDatetimeFormat"
+    assert "MRN-4471-SECRET" not in message and "22007" in message
+    assert permanent is False
+
+
+# --- config: timeouts, alerts -----------------------------------------------------------------------
+
+
+def test_every_task_gets_its_execution_timeout_and_the_failure_callbacks() -> None:
+    cfg = get_source_config("b").model_copy(
+        update={"task_timeouts": get_source_config("b").task_timeouts.model_copy(update={"pull_minutes": 7.0})}
+    )
+    dag = build_dag(cfg)
+    for t in dag.tasks:
+        assert t.execution_timeout is not None, t.task_id
+        assert t.on_failure_callback, t.task_id
+    assert dag.get_task("pull_subjects").execution_timeout == timedelta(minutes=7)
+    assert dag.get_task("merge_subjects").execution_timeout == timedelta(minutes=cfg.task_timeouts.merge_minutes)
+    assert dag.on_failure_callback
+
+
+def test_params_of_the_trigger_form_have_titles_descriptions_and_types() -> None:
+    params = build_dag(get_source_config("b")).params
+    for name in ("full_refresh", "levels", "since", "until", "dry_run"):
+        param = params.get_param(name)
+        assert param.schema["title"] and param.description and param.schema["type"], name
+    assert params.get_param("since").schema["format"] == "date-time"
+    assert params.get_param("levels").schema["items"]["enum"] == list(LEVELS)
+
+
+def _config_with(tmp_path: Path, **overrides: Any) -> Path:
+    return include_copy(tmp_path / "include", **overrides) / "sources" / "b.yaml"
+
+
+def test_alerts_section_is_validated(tmp_path: Path) -> None:
+    from medsync.config import load_source_config
+
+    cfg = load_source_config(_config_with(tmp_path, alerts=ALERTS))
+    assert cfg.alerts.email is not None and cfg.alerts.email.to == ("oncall@example.org",)
+    for bad in (
+        {**ALERTS, "email": {"smtp_conn_id": "x", "to": []}},  # nobody to tell
+        {**ALERTS, "webhook": {"url": "https://hooks.example/secret-token"}},  # a secret belongs in a connection
+        {**ALERTS, "slack": {"slack_webhook_conn_id": "s"}},  # the slack provider is not installed here
+        {**ALERTS, "thresholds": {"quarantined": 0}},
+    ):
+        with pytest.raises(errors.ConfigError):
+            load_source_config(_config_with(tmp_path, alerts=bad))
+
+
+def test_timeouts_must_outlast_the_merge_lock_wait(tmp_path: Path) -> None:
+    from medsync.config import load_source_config
+
+    with pytest.raises(errors.ConfigError, match="statement_timeout_seconds"):
+        load_source_config(_config_with(tmp_path, lock_timeout_seconds=600, database={"statement_timeout_seconds": 60}))
+    with pytest.raises(errors.ConfigError, match="merge_minutes"):
+        load_source_config(_config_with(tmp_path, lock_timeout_seconds=600, task_timeouts={"merge_minutes": 5}))
+
+
+def test_every_database_session_has_connect_and_statement_timeouts(a_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medsync.hooks.a_database import ADatabaseHook
+
+    params = psycopg.conninfo.conninfo_to_dict(a_db)
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{params['dbname']}")
+    with ADatabaseHook(connect_timeout_seconds=4, statement_timeout_seconds=1).get_conn() as conn:
+        assert conn.info.get_parameters()["connect_timeout"] == "4"
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("1s",)
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(3)")
+
+
+# --- the run ledger, the callbacks and the alerts, against B's simulator ------------------------------------
+
+
+@dataclass
+class Ctx:
+    """What Airflow hands a callback: the task instance and the run (just the fields medsync reads)."""
+
+    ti: Any
+    dag_run: Any
+    exception: BaseException | str | None = None
+
+    def as_context(self) -> dict[str, Any]:
+        return {"ti": self.ti, "dag_run": self.dag_run, "exception": self.exception, "reason": "task_failure"}
+
+
+@dataclass
+class FakeTi:
+    task_id: str
+    try_number: int = 1
+    max_tries: int = 3
+
+
+@dataclass
+class FakeDagRun:
+    run_id: str
+
+
+class Env:
+    def __init__(self, dsn: str, sim: BSimulator, received: Received) -> None:
+        self.dsn, self.sim, self.received = dsn, sim, received
+
+    def query(self, text: str, *args: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn) as conn:
+            return conn.execute(text, args).fetchall()
+
+    def staging_tables(self, run_id: int) -> list[str]:
+        rows = self.query("SELECT tablename FROM pg_tables WHERE schemaname = 'medsync' AND tablename LIKE %s",
+                          f"%_r{run_id}")  # fmt: skip
+        return sorted(r[0] for r in rows)
+
+    def a_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        columns = "id, source_key, source_updated_at, deleted_at, xmin::text"
+        return {t: self.query(f"SELECT {columns} FROM imaging.{t} ORDER BY id") for t in LEVELS}
+
+    def sync(self, dag_run_id: str, *, facts: RunFacts | None = None, **options: Any) -> dict[str, Any]:
+        """One run, task by task in the DAG's order; returns each task's result."""
+        facts = facts or RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+        plan = tasks.prepare("b", dag_run_id=dag_run_id, facts=facts, **options)
+        out: dict[str, Any] = {"plan": plan}
+        for level in LEVELS:
+            out[f"pull_{level}"] = tasks.pull("b", level, plan["run_id"])
+        for level in LEVELS:
+            out[f"merge_{level}"] = tasks.merge("b", level, plan["run_id"])
+        out["report"] = tasks.report("b", plan["run_id"])
+        out["finish"] = tasks.finish("b", plan["run_id"])
+        return out
+
+    def phi(self) -> list[str]:
+        found = []
+        for rec in list(self.sim.live_records("patients"))[:5]:
+            name = rec.get("name") or {}
+            found += [v for v in (rec.get("mrn"), name.get("family"), rec.get("birth_date")) if v and len(v) >= 6]
+        return found
+
+
+@pytest.fixture
+def env(a_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    config = SimConfig(seed=11, patients=4, studies_per_patient=1, series_per_study=2, images_per_series=2,
+                       clock="manual", base_time=BASE.isoformat(), history_seconds=3 * 86400)  # fmt: skip
+    received = Received()
+    include = include_copy(tmp_path / "include", retries=2, file_check={"enabled": False}, alerts=ALERTS)
+    dbname = psycopg.conninfo.conninfo_to_dict(a_db)["dbname"]
+    with BSimulator(config, api_key=API_KEY) as sim, smtp_server(received) as smtp, webhook_server(received) as hook:
+        monkeypatch.setenv("MEDSYNC_INCLUDE_DIR", str(include))
+        monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{dbname}")
+        monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_B_API",
+                           f'{{"conn_type": "http", "host": "{sim.base_url}", "password": "{API_KEY}"}}')  # fmt: skip
+        monkeypatch.setenv("AIRFLOW_VAR_MEDSYNC_B_BUCKET", "b-imaging-dev")
+        for key, value in alert_connections(smtp, hook).items():
+            monkeypatch.setenv(key, value)
+        yield Env(a_db, sim, received)
+
+
+def _fail(env: Env, dag_run_id: str, task_id: str, exc: BaseException) -> None:
+    failures.task_failed("b", Ctx(FakeTi(task_id, 1, 3), FakeDagRun(dag_run_id), exc).as_context())
+
+
+def test_a_refused_key_marks_the_run_failed_with_its_reason_and_tells_someone(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    plan = tasks.prepare("b", dag_run_id="manual__bad_key", facts=facts)
+    tasks.pull("b", "instance", plan["run_id"])  # staged before the failure
+    wrong_key = "wrong-key-77d0aa13"
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_B_API",
+                       f'{{"conn_type": "http", "host": "{env.sim.base_url}", "password": "{wrong_key}"}}')  # fmt: skip
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException) as caught, failures.fail_fast():
+        tasks.pull("b", "subject", plan["run_id"])
+    _fail(env, "manual__bad_key", "pull_subjects", caught.value)
+
+    status, task, error_class, message = env.query(
+        "SELECT status, failed_task, error_class, error_message FROM medsync.sync_run WHERE id = %s", plan["run_id"]
+    )[0]
+    assert (status, task, error_class) == ("failed", "pull_subjects", "SourceApiError")
+    assert "401" in message
+    # Someone is told, once per channel: the source, the run, what failed and where to look.
+    assert len(env.received.mails) == 1 and len(env.received.posts) == 1
+    mail, post = env.received.mails[0], env.received.posts[0]
+    assert mail["to"] == "oncall@example.org"
+    assert "b: run manual__bad_key failed in pull_subjects: SourceApiError" in mail["subject"]
+    for text in (mail["body"], str(post["json"])):
+        assert "manual__bad_key" in text and "pull_subjects" in text and "401" in text
+        assert "http://airflow.example.internal/dags/medsync_b/runs/manual__bad_key/tasks/pull_subjects" in text
+        assert f"WHERE id = {plan['run_id']}" in text and "On call" in text
+        assert "not retried" in text
+    assert post["path"] == "/hooks/medsync" and post["json"]["event"] == "failure"
+    for text in env.received.texts():
+        assert API_KEY not in text and wrong_key not in text
+        for value in env.phi():
+            assert value not in text
+
+    # The run as a whole failed (the DAG-level callback): staging dropped, no second alert.
+    assert env.staging_tables(plan["run_id"])
+    failures.run_failed("b", {"dag_run": FakeDagRun("manual__bad_key"), "reason": "task_failure"})
+    assert env.staging_tables(plan["run_id"]) == []
+    assert len(env.received.mails) == 1 and len(env.received.posts) == 1
+    assert env.query("SELECT failed_task, error_class FROM medsync.sync_run WHERE id = %s", plan["run_id"]) == [
+        ("pull_subjects", "SourceApiError")
+    ]
+
+
+def test_a_run_killed_without_callbacks_is_taken_over_by_the_next_run_at_once(env: Env) -> None:
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    killed = tasks.prepare("b", dag_run_id="manual__killed", facts=facts)
+    tasks.pull("b", "subject", killed["run_id"])
+    beside = tasks.prepare("b", dag_run_id="backfill__beside", facts=facts)
+    tasks.pull("b", "subject", beside["run_id"])
+    states = {"manual__killed": "failed", "backfill__beside": "running"}
+
+    tasks.prepare("b", dag_run_id="manual__next", facts=facts, airflow_run_state=states.get)
+
+    assert env.query("SELECT status, error_class FROM medsync.sync_run WHERE id = %s", killed["run_id"]) == [
+        ("failed", "RunEnded")
+    ]
+    assert env.staging_tables(killed["run_id"]) == []
+    # A run Airflow still runs (a backfill beside this one) keeps its state and its staging.
+    assert env.query("SELECT status FROM medsync.sync_run WHERE id = %s", beside["run_id"]) == [("running",)]
+    assert env.staging_tables(beside["run_id"])
+
+
+def test_run_state_lives_in_the_ledger_module_only() -> None:
+    root = Path(__file__).resolve().parents[1] / "plugins" / "medsync"
+    for path in root.rglob("*.py"):
+        if path.name == "ledger.py":
+            continue
+        text = path.read_text()
+        for table in ("medsync.sync_run", "medsync.watermark"):
+            writes = [w for w in ("INSERT INTO " + table, "UPDATE " + table) if w in text]
+            assert not writes, f"{path.relative_to(root)} writes {table}: the ledger owns it"
+
+
+# --- a source that went back in time ----------------------------------------------------------------------
+
+
+def test_a_full_refresh_against_a_source_behind_a_names_it_and_leaves_a_unchanged(env: Env) -> None:
+    env.sync("manual__first")
+    # A holds newer versions than B serves now: as if B's replica were restored from an older backup.
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("UPDATE imaging.subject SET source_updated_at = source_updated_at + interval '1 day'")
+        conn.execute("UPDATE imaging.study SET source_updated_at = source_updated_at + interval '1 day'")
+    before = env.a_rows()
+    subjects = len(before["subject"])
+
+    with pytest.raises(errors.SourceBehindError) as caught:
+        env.sync("manual__behind")
+    message = str(caught.value)
+    assert f"served {subjects} records in versions older than A holds (subject {subjects})" in message
+    assert "went back in time" in message
+    assert env.a_rows() == before  # not one row rewritten
+
+    # A window run is not failed for it, but every report counts it per level, and someone is told.
+    window = RunFacts("scheduled", BASE - timedelta(days=4), BASE, BASE)
+    out = env.sync("scheduled__after", facts=window)
+    levels = out["report"]["levels"]
+    assert levels["subject"]["older_than_a"] == subjects and levels["study"]["older_than_a"] >= 1
+    assert levels["instance"]["older_than_a"] == 0
+    report_posts = [p["json"] for p in env.received.posts if p["json"]["event"] == "report"]
+    assert report_posts and any("older than A holds" in d for d in report_posts[-1]["details"])
+    assert env.a_rows() == before
+
+
+# --- repairs: levels, an exact window, dry run ---------------------------------------------------------------
+
+
+def test_a_dry_run_reports_what_it_would_write_and_writes_nothing(env: Env) -> None:
+    out = env.sync("manual__dry", dry_run=True)
+    assert env.query("SELECT count(*) FROM imaging.subject") == [(0,)]
+    assert env.query("SELECT count(*) FROM imaging.instance") == [(0,)]
+    assert env.query("SELECT count(*) FROM medsync.watermark") == [(0,)]
+    assert out["merge_subject"]["inserted"] == len(list(env.sim.live_records("patients")))
+    assert out["report"]["dry_run"] is True
+    assert out["finish"]["watermark_advanced"] is False
+    # The real run afterwards inserts exactly what the dry run said it would.
+    real = env.sync("manual__real")
+    assert real["merge_subject"]["inserted"] == out["merge_subject"]["inserted"]
+
+
+def test_levels_and_an_exact_window_sync_only_those_and_move_no_watermark(env: Env) -> None:
+    env.sync("manual__first")
+    marks = env.query("SELECT level, synced_until FROM medsync.watermark ORDER BY level")
+    since, until = BASE - timedelta(days=2), BASE - timedelta(days=1)
+    facts = RunFacts("manual", None, None, datetime.now(UTC), since=since, until=until)
+    out = env.sync("manual__repair", facts=facts, levels=["study", "instance"])
+    assert out["plan"]["kind"] == "repair"
+    assert out["plan"]["windows"] == {"study": [since.isoformat(), until.isoformat()],
+                                      "instance": [since.isoformat(), until.isoformat()]}  # fmt: skip
+    assert out["pull_subject"]["skipped"] and out["merge_sequence"]["skipped"]
+    assert set(out["report"]["levels"]) == {"study", "instance"}
+    assert env.query("SELECT level, synced_until FROM medsync.watermark ORDER BY level") == marks
+    with pytest.raises(errors.RunParamsError):
+        tasks.prepare("b", dag_run_id="manual__bad", facts=facts, levels=["patient"])
+    with pytest.raises(errors.RunParamsError):
+        RunFacts("manual", None, None, datetime.now(UTC), since=since)
+
+
+# --- progress ---------------------------------------------------------------------------------------------
+
+
+def test_a_long_pull_logs_its_progress_with_rate_and_what_is_left(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    from medsync.staging import pull_level
+
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    plan = tasks.prepare("b", dag_run_id="manual__progress", facts=facts)
+    patients = list(env.sim.live_records("patients"))
+
+    def slow_pages() -> Iterator[RawPage]:
+        for rec in patients:
+            time.sleep(0.15)
+            yield RawPage([rec])
+
+    cfg: SourceConfig = get_source_config("b")
+    with psycopg.connect(env.dsn, autocommit=True) as conn, caplog.at_level(logging.INFO, "medsync.staging"):
+        pull_level(conn, source="b", level="subject", run_id=plan["run_id"], pages=slow_pages(),
+                   parser=tasks.record_parser(cfg), expected_records=len(patients) * 2,
+                   progress_seconds=0.2)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pulling subject")]
+    assert len(lines) >= 2, lines
+    assert "records in" in lines[-1] and "/s)" in lines[-1] and "records left" in lines[-1]
+
+
+def test_ledger_keeps_the_first_reason(a_db: str) -> None:
+    with psycopg.connect(a_db, autocommit=True) as conn:
+        from medsync import schema
+        from medsync.windows import Window
+
+        schema.migrate(conn)
+        window = Window(BASE - timedelta(hours=12), BASE)
+        run_id = ledger.register_run(conn, "b", "r1", "manual", windows={"subject": window})
+        first = ledger.fail(conn, "b", "r1", task_id="merge_subjects", error_class="MergeError", message="lock")
+        second = ledger.fail(conn, "b", "r1", task_id=None, error_class="RunFailed", message="task_failure")
+        assert first is not None and first.first and second is not None and not second.first
+        assert ledger.failure(conn, run_id)["failed_task"] == "merge_subjects"
+        assert ledger.fail(conn, "b", f"unknown-{uuid.uuid4().hex}", task_id=None, error_class="X", message="") is None

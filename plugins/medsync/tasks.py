@@ -148,16 +148,21 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
 
 def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
     """Merges this run's staging (and pending records) of one level into A's table."""
+    from medsync.levels import spec
     from medsync.merge import merge_level
 
     cfg = get_source_config(source)
-    parent_lookup = open_source(cfg).parent_link(level).column if level != LEVELS[0] else "source_key"
+    source_of = open_source(cfg)
+    parent_lookup = source_of.parent_link(level).column if level != LEVELS[0] else "source_key"
+    child_level = spec(level).child_level
+    child_lookup = source_of.parent_link(child_level).column if child_level is not None else "source_key"
     with connect_a(cfg) as conn:
         counts = merge_level(
             conn,
             source=source,
             level=level,
             parent_lookup=parent_lookup,
+            child_lookup=child_lookup,
             run_id=run_id,
             batch_size=cfg.merge_batch_size,
             lock_timeout_seconds=cfg.lock_timeout_seconds,

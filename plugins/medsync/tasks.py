@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 from medsync.config import LEVELS, SourceConfig, get_source_config
 from medsync.errors import MedsyncError
 from medsync.mapping import load_mapping
+from medsync.request_limit import DatabaseRequestLimiter
 from medsync.sources import open_source
 from medsync.sources.base import Buckets, RecordParser
 from medsync.windows import RunFacts, Window, advances_watermark, plan_window, sync_kind
@@ -48,6 +49,11 @@ def connect_a(cfg: SourceConfig) -> psycopg.Connection:
     from medsync.hooks.a_database import ADatabaseHook
 
     return ADatabaseHook(cfg.connections.db_conn_id).get_conn()
+
+
+def request_limiter(cfg: SourceConfig) -> DatabaseRequestLimiter:
+    """The source's request limit for every task of every run together (kept in A's database)."""
+    return DatabaseRequestLimiter(lambda: connect_a(cfg), cfg.name, cfg.rate_limit_per_second)
 
 
 def buckets(cfg: SourceConfig, variable: Callable[[str], str | None] = get_variable) -> Buckets:
@@ -125,7 +131,11 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
 
     cfg = get_source_config(source)
     parser = record_parser(cfg)
-    with open_source(cfg).connect() as client, connect_a(cfg) as conn:
+    with (
+        request_limiter(cfg) as limiter,
+        open_source(cfg).connect(limiter) as client,
+        connect_a(cfg) as conn,
+    ):
         window = staging.window_slice(level_window(conn, run_id, level), slices, slice_index)
         counts = staging.pull_level(
             conn,
@@ -182,7 +192,11 @@ def report(source: str, run_id: int) -> dict[str, Any]:
     from medsync.report import COLUMNS, build_report, check_full_refresh, format_report
 
     cfg = get_source_config(source)
-    with open_source(cfg).connect() as client, connect_a(cfg) as conn:
+    with (
+        request_limiter(cfg) as limiter,
+        open_source(cfg).connect(limiter) as client,
+        connect_a(cfg) as conn,
+    ):
         result = build_report(
             conn,
             client,

@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from medsync.config import SourceConfig
 from medsync.errors import ConfigError
 from medsync.sources.b_rest.client import BApiClient
+from medsync.sources.base import RequestLimiter
 
 DEFAULT_BASE_PATH = "/api/v1"
 
@@ -78,8 +79,11 @@ class SourceApiHook(BaseHook):
             rate_limit_per_second=cfg.rate_limit_per_second,
         )
 
-    def get_conn(self) -> BApiClient:
+    def get_conn(self, limiter: RequestLimiter | None = None) -> BApiClient:
         """A new client for the connection; close it (or use ``with``) when done.
+
+        ``limiter`` paces its requests when given (a limit shared with other clients); otherwise
+        the client paces itself at ``rate_limit_per_second``.
 
         Raises ``ConfigError`` when the connection does not exist, has no password,
         or its host, schema, port or extras do not make a usable URL or timeout.
@@ -98,6 +102,7 @@ class SourceApiHook(BaseHook):
             max_attempts=self.max_attempts,
             max_backoff_seconds=self.max_backoff_seconds,
             rate_limit_per_second=self.rate_limit_per_second,
+            limiter=limiter,
         )
 
     def _base_url(self, host: str | None, schema: str | None, port: int | None, extra: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from medsync.errors import ConfigError, SourceApiError, SourceUnavailableError
 from medsync.sources.b_rest import RESOURCES
+from medsync.sources.base import RequestLimiter
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,10 @@ class BApiClient:
 
     Every request carries the key in the ``X-API-Key`` header, a (connect, read)
     timeout of (``min(timeout, 10)``, ``timeout``) seconds, and first waits for the
-    rate limiter (at most ``rate_limit_per_second`` requests per second per client;
-    None means no limit). Threads may share one client: the limiter is thread-safe.
+    rate limiter: ``limiter`` when given (a limit shared with other clients, e.g. every task
+    of a run through ``medsync.request_limit``), else at most ``rate_limit_per_second``
+    requests per second per client (None means no limit). Threads may share one client:
+    the limiter is thread-safe.
 
     Each request is tried at most ``max_attempts`` times. 5xx answers, connection
     errors, dropped connections and timeouts are retried after an exponential
@@ -288,6 +291,7 @@ class BApiClient:
         max_attempts: int,
         max_backoff_seconds: float,
         rate_limit_per_second: float | None,
+        limiter: RequestLimiter | None = None,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -310,9 +314,9 @@ class BApiClient:
         self._sleep = sleep
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._limiter = (
-            TokenBucket(rate_limit_per_second, clock=clock, sleep=sleep) if rate_limit_per_second is not None else None
-        )
+        self._limiter: RequestLimiter | None = limiter
+        if limiter is None and rate_limit_per_second is not None:
+            self._limiter = TokenBucket(rate_limit_per_second, clock=clock, sleep=sleep)
         self._owns_session = session is None
         self._session = session if session is not None else _new_session(self._base_url)
 
@@ -350,7 +354,8 @@ class BApiClient:
 
     @property
     def rate_limit_per_second(self) -> float | None:
-        return self._limiter.rate if self._limiter else None
+        rate = getattr(self._limiter, "rate", None)
+        return float(rate) if rate is not None else None
 
     def close(self) -> None:
         """Closes the session if the client made it."""

@@ -89,4 +89,4 @@ class BRestSource(Source):
     def connect(self, limiter: RequestLimiter | None = None) -> SourceClient:
         from medsync.hooks.source_api import SourceApiHook
 
-        return _Client(SourceApiHook.from_source_config(self.cfg).get_conn(), self.cfg.page_size)
+        return _Client(SourceApiHook.from_source_config(self.cfg).get_conn(limiter), self.cfg.page_size)

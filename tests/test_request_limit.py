@@ -81,6 +81,40 @@ def test_processes_sharing_the_database_never_exceed_the_source_limit_together(a
         assert conn.execute("SELECT count(*) FROM medsync.request_limit").fetchone() == (1,)
 
 
+def test_b_client_paces_every_request_with_the_limiter_it_is_given(a_db: str) -> None:
+    """Two clients, one limit: B sees at most the limit per second from both together."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import UTC, datetime
+
+    from medsync.request_limit import DatabaseRequestLimiter
+    from medsync.sources.b_rest.client import BApiClient
+    from simulator import BSimulator, SimConfig
+
+    with psycopg.connect(a_db, autocommit=True) as conn:
+        schema.migrate(conn)
+    config = SimConfig(clock="manual", seed=3, patients=8, studies_per_patient=2, series_per_study=3)
+    with BSimulator(config, api_key="limit-key") as sim:
+        sim.set_faults()  # no limit of B's own: only the client's pacing counts
+
+        def pull_all(resource: str) -> int:
+            limiter = DatabaseRequestLimiter(lambda: psycopg.connect(a_db, autocommit=True), "b", RATE)
+            with limiter, BApiClient(
+                sim.base_url, "limit-key", timeout=10, max_attempts=1, max_backoff_seconds=1,
+                rate_limit_per_second=None, limiter=limiter,
+            ) as client:  # fmt: skip
+                window = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+                pages = sum(1 for _ in client.iter_pages(resource, *window, page_size=2))
+                assert limiter.requests == pages
+                return pages
+
+        sim.reset_stats()
+        with ThreadPoolExecutor(2) as pool:
+            pages = sum(pool.map(pull_all, ["series", "studies"]))
+        stats = sim.stats()
+    assert stats["requests"] == pages >= 3 * RATE  # long enough to hold the limit for seconds
+    assert stats["max_per_second"] <= RATE + 1, stats["per_second"]
+
+
 # --- the whole run, under a real scheduler ---------------------------------------------------------
 STACK_RATE = 6
 SLICES = 3

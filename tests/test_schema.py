@@ -13,6 +13,9 @@ from medsync.config import get_source_config
 from medsync.errors import MappingError, SchemaError
 from medsync.mapping import load_mapping, parse_mapping
 
+MIGRATIONS = sorted(int(p.name.split("_", 1)[0]) for p in schema.migrations_dir().glob("*.sql"))
+"""Every migration in include/sql/migrations, by version (other branches add theirs)."""
+
 
 def b_mapping_raw() -> dict[str, Any]:
     mapping = load_mapping(get_source_config("b").mapping_path)
@@ -28,9 +31,9 @@ def b_mapping_raw() -> dict[str, Any]:
 
 def test_migrations_apply_once_and_are_recorded(a_db: str) -> None:
     with psycopg.connect(a_db, autocommit=True) as conn:
-        assert schema.migrate(conn) == [1, 2]
+        assert schema.migrate(conn) == MIGRATIONS
         assert schema.migrate(conn) == []
-        assert conn.execute("SELECT version FROM medsync.schema_migration ORDER BY 1").fetchall() == [(1,), (2,)]
+        assert conn.execute("SELECT version FROM medsync.schema_migration ORDER BY 1").fetchall() == [(v,) for v in MIGRATIONS]
         # medsync's tables live in its own schema, none inside A's.
         imaging = conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'imaging'")
         assert {r[0] for r in imaging} == {"subject", "study", "sequence", "instance"}
@@ -51,7 +54,7 @@ def test_two_prepares_racing_both_succeed_and_migrate_once(a_db: str) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(map(str, results)) == ["[1, 2]", "[]", "[]", "[]"]
+    assert sorted(map(str, results)) == [str(MIGRATIONS), "[]", "[]", "[]"]
 
 
 def test_an_edited_applied_migration_is_refused(a_db: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,7 +33,8 @@ def test_migrations_apply_once_and_are_recorded(a_db: str) -> None:
     with psycopg.connect(a_db, autocommit=True) as conn:
         assert schema.migrate(conn) == MIGRATIONS
         assert schema.migrate(conn) == []
-        assert conn.execute("SELECT version FROM medsync.schema_migration ORDER BY 1").fetchall() == [(v,) for v in MIGRATIONS]
+        applied = conn.execute("SELECT version FROM medsync.schema_migration ORDER BY 1").fetchall()
+        assert applied == [(v,) for v in MIGRATIONS]
         # medsync's tables live in its own schema, none inside A's.
         imaging = conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'imaging'")
         assert {r[0] for r in imaging} == {"subject", "study", "sequence", "instance"}

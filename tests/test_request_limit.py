@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,9 +21,9 @@ from pathlib import Path
 import psycopg
 import pytest
 import requests
-import yaml
 from conftest import ROOT, RUN_TAG, create_database, drop_database
 
+from devstack.airflow_env import include_copy
 from medsync import schema
 
 RATE = 8.0
@@ -124,18 +123,6 @@ SIM_ARGS = (
 )
 
 
-def include_with(tmp: Path, **settings: object) -> Path:
-    """A copy of include/ whose b.yaml has ``settings`` (the DAG reads it through MEDSYNC_INCLUDE_DIR)."""
-    include = tmp / "include"
-    shutil.copytree(ROOT / "include", include)
-    path = include / "sources" / "b.yaml"
-    cfg = yaml.safe_load(path.read_text())
-    for key, value in settings.items():
-        cfg[key] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return include
-
-
 def overlapping(intervals: list[tuple[str, str]]) -> int:
     """The most intervals (ISO start, end) open at one moment."""
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
@@ -162,8 +149,8 @@ def test_a_parallel_run_under_the_scheduler_keeps_the_source_limit_in_every_seco
 
     from simulator.client import SimAdminClient
 
-    include = include_with(
-        tmp_path,
+    include = include_copy(
+        tmp_path / "include",
         page_size=2,  # many small pages: every pull asks for several seconds
         instance_slices=SLICES,
         rate_limit_per_second=STACK_RATE,
@@ -185,6 +172,7 @@ def test_a_parallel_run_under_the_scheduler_keeps_the_source_limit_in_every_seco
         admin = SimAdminClient(base_url, api_key, timeout=30)
         with AirflowStack(config) as stack:
             api = stack.api
+            api.timeout = 60  # the API server answers slowly while this machine's two cores run the pulls
             api.wait_dag_parsed("medsync_b", alive=stack.check_alive)
             api.unpause("medsync_b")
             admin.stats(reset=True)

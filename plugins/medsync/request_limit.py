@@ -74,19 +74,19 @@ class DatabaseRequestLimiter:
     def acquire(self) -> float:
         """Claims the source's next request slot and sleeps until it; returns the seconds waited."""
         with self._lock:
-            conn = self._session()
             try:
-                row = conn.execute(_CLAIM, {"source": self._source, "gap": self._gap}).fetchone()
+                row = self._session().execute(_CLAIM, {"source": self._source, "gap": self._gap}).fetchone()
             except psycopg.OperationalError as exc:
                 self._drop_session()
                 raise SourceUnavailableError(
                     f"{self._source}: could not claim a request slot in medsync.request_limit ({type(exc).__name__})"
                 ) from exc
+            wait = max(float(row[0]), 0.0) if row else 0.0
             self.requests += 1
-        wait = max(float(row[0]), 0.0) if row else 0.0
+            self.waited_seconds += wait
+        # Outside the lock: another thread of this client claims the next slot meanwhile.
         if wait > 0:
             self._sleep(wait)
-        self.waited_seconds += wait
         return wait
 
     def _session(self) -> psycopg.Connection:

@@ -80,6 +80,7 @@ class _Stats:
     responses: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     endpoints: Counter[str] = field(default_factory=Counter)
+    per_second: Counter[int] = field(default_factory=Counter)  # API requests received per wall-clock second
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +94,8 @@ class _Stats:
             "responses": dict(self.responses),
             "faults": {k: self.faults.get(k, 0) for k in FAULT_KINDS},
             "endpoints": dict(self.endpoints),
+            "per_second": {str(second): n for second, n in sorted(self.per_second.items())},
+            "max_per_second": max(self.per_second.values(), default=0),
         }
 
 
@@ -237,6 +240,7 @@ class Api:
     def _handle_api(self, method: str, sub: str, query: str, headers: Mapping[str, str]) -> Response:
         with self._lock:
             self._stats.requests += 1
+            self._stats.per_second[int(time.time())] += 1
         self._auth(headers)
         pre = self._pre_faults()
         if isinstance(pre, Response):

@@ -9,9 +9,14 @@ it runs must be the ones tests/airflow_stack.py runs natively in the end-to-end 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
+import stat
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -196,12 +201,74 @@ def test_the_image_is_the_airflow_and_python_the_project_pins() -> None:
     for name, service in SERVICES.items():
         if service.get("build"):
             assert service["image"] == f"medsync-airflow:{tag}", name
+    # The image installs every pin the tests ran with, not a few of them over the base image's own.
     image_pins = requirement_pins(ROOT / "docker" / "requirements-image.txt")
-    assert image_pins
-    for package, version in image_pins.items():
-        assert pins.get(package) == version, (package, version, pins.get(package))
+    assert image_pins == pins, {
+        p: (image_pins.get(p), pins.get(p)) for p in image_pins.keys() | pins.keys() if image_pins.get(p) != pins.get(p)
+    }
+    assert re.search(r"^RUN pip install .*-r /tmp/requirements-image\.txt$", dockerfile, re.M)
     s3 = SERVICES["s3"]["image"]
     assert s3 == f"motoserver/moto:{requirement_pins(ROOT / 'requirements-dev.txt')['moto']}"
+
+
+MEDSYNC_IMAGE = "medsync-airflow:"
+
+
+def test_the_image_is_built_once_and_every_other_service_reuses_it() -> None:
+    builders = [name for name, service in SERVICES.items() if service.get("build")]
+    assert builders == ["airflow-init"], builders  # the first Airflow service to run; all wait for it
+    image = SERVICES["airflow-init"]["image"]
+    users = [name for name, service in SERVICES.items() if service.get("image", "").startswith(MEDSYNC_IMAGE)]
+    assert {"b-simulator", "b-files", *AIRFLOW_SERVICES} <= set(users)
+    for name in users:
+        assert SERVICES[name]["image"] == image, name
+        if name != "airflow-init":
+            # Never pulled: there is no such image in a registry, compose builds it before starting anything.
+            assert SERVICES[name].get("pull_policy") == "never", name
+
+
+def healthcheck_shell(service: str) -> str:
+    """The service's healthcheck as the container's shell gets it (compose turns ``$$`` into ``$``)."""
+    check = SERVICES[service].get("healthcheck")
+    assert check, f"{service} has no healthcheck"
+    assert {"interval", "timeout", "retries", "start_period"} <= set(check), service
+    test = check["test"]
+    assert test[0] == "CMD-SHELL" and len(test) == 2, (service, test)
+    return str(test[1]).replace("$$", "$")
+
+
+@pytest.mark.parametrize(("service", "job_type"), [("dag-processor", "DagProcessorJob"), ("triggerer", "TriggererJob")])
+def test_dag_processor_and_triggerer_check_their_own_job_as_airflows_compose_does(service: str, job_type: str) -> None:
+    argv = shlex.split(healthcheck_shell(service).replace("${HOSTNAME}", "container-host"))
+    assert argv[0] == "airflow"
+    from airflow.cli import cli_parser
+
+    args = cli_parser.get_parser().parse_args(argv[1:])  # the installed Airflow accepts the command (or exits)
+    assert argv[1:3] == ["jobs", "check"]
+    assert args.job_type == job_type
+    assert args.hostname == "container-host"  # this container's job, not any other's
+
+
+@pytest.mark.parametrize("service", [s for s, c in AIRFLOW_SERVICES.items() if c == "celery-worker"])
+def test_each_worker_pings_itself_as_airflows_compose_does(service: str) -> None:
+    argv = shlex.split(healthcheck_shell(service).replace("${HOSTNAME}", "container-host"))
+    assert argv[:2] == ["celery", "--app"] and argv[3:6] == ["inspect", "ping", "-d"], argv
+    module, _, attribute = argv[2].rpartition(".")
+    import importlib
+
+    assert hasattr(importlib.import_module(module), attribute)  # the Celery app the workers run
+    worker_name = command_of(SERVICES[service])[3]
+    assert argv[6] == worker_name.replace("%h", "container-host"), (argv[6], worker_name)
+
+
+def test_the_image_gives_the_passwords_directory_to_the_airflow_user() -> None:
+    """A fresh named volume takes the owner of the image's directory: airflow-init (uid 50000) can write it."""
+    auth_dir = str(Path(env_of(SERVICES["airflow-init"])["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).parent)
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    made = re.search(rf"^RUN install -d -o airflow -g root -m 0775 {re.escape(auth_dir)}$", dockerfile, re.M)
+    assert made, f"the Dockerfile must create {auth_dir} owned by the airflow user"
+    assert re.findall(r"^USER (\S+)$", dockerfile, re.M)[-1] == "airflow"  # and the image runs as it
+    assert SERVICES["airflow-init"].get("user", "50000:0").split(":")[0] in ("50000", "0")
 
 
 # --- connections against the source configs -----------------------------------------------------
@@ -349,6 +416,8 @@ def test_airflow_init_script_runs(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert json.loads(passwords.read_text()) == {"admin": "s3cret-for-test"}
         assert "s3cret-for-test" not in proc.stdout + proc.stderr
+        if os.geteuid() == 0:  # run as root, it hands what it wrote to the image's user
+            assert {p.stat().st_uid for p in (passwords, passwords.parent)} == {AIRFLOW_UID}
         import psycopg
         from conftest import dsn_for
 
@@ -407,3 +476,77 @@ def test_seed_s3_script_copies_every_live_image_file(tmp_path: Path) -> None:
         assert proc.stdout.strip() == f"b-files: {counts['images']} files in s3://{bucket}"
     finally:
         moto.stop()
+
+
+AIRFLOW_UID = 50000
+
+
+def run_init_script(home: Path, db: str, *, as_uid: int | None) -> subprocess.CompletedProcess[str]:
+    """docker/airflow-init.sh with AIRFLOW_HOME ``home``, as the image's user when ``as_uid`` is given."""
+    from airflow_stack import AIRFLOW, sqlalchemy_url
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        HOME=str(home),
+        # The image's passwd names uid 50000 "airflow"; this machine has no such entry, and Airflow
+        # asks getpass for a user name, which reads LOGNAME before the passwd file.
+        LOGNAME="airflow",
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlalchemy_url(db),
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(home / "auth" / "passwords.json"),
+        MEDSYNC_AIRFLOW_PASSWORD="s3cret-for-test",
+        PATH=f"{Path(AIRFLOW).parent}{os.pathsep}{env['PATH']}",
+    )
+    # The user may read and search everything (the venv's interpreter lives under root's 0700 home
+    # on this machine) but writes only where uid 50000 may: what the script writes is what is tested.
+    read_anything = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    prefix = [] if as_uid is None else ["setpriv", f"--reuid={as_uid}", "--regid=0", "--clear-groups", *read_anything]
+    return subprocess.run(
+        [*prefix, "bash", str(ROOT / "docker" / "airflow-init.sh")],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def fresh_home() -> Iterator[Path]:
+    """An empty directory outside pytest's root-only tmp tree, owned by the image's user (as /opt/airflow is)."""
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="airflow-init-home-"))
+    os.chown(home, AIRFLOW_UID, 0)
+    yield home
+    shutil.rmtree(home)
+
+
+@pytest.fixture
+def throwaway_db() -> Iterator[str]:
+    import uuid
+
+    from conftest import create_database, drop_database
+
+    name = f"airflow_init_{uuid.uuid4().hex[:8]}"
+    create_database(name)
+    yield name
+    drop_database(name)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to switch user")
+def test_airflow_init_script_runs_as_the_images_user_on_a_fresh_directory(fresh_home: Path, throwaway_db: str) -> None:
+    proc = run_init_script(fresh_home, throwaway_db, as_uid=AIRFLOW_UID)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    passwords = fresh_home / "auth" / "passwords.json"
+    assert json.loads(passwords.read_text()) == {"admin": "s3cret-for-test"}
+    info = passwords.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (AIRFLOW_UID, 0o600)
+    assert "s3cret-for-test" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to switch user")
+def test_airflow_init_script_says_why_when_the_passwords_directory_is_not_its_own(fresh_home: Path) -> None:
+    """A volume created before the image owned the directory (root's): a clear error, not a traceback."""
+    (fresh_home / "auth").mkdir()  # root's, 0755
+    proc = run_init_script(fresh_home, "unused", as_uid=AIRFLOW_UID)
+    assert proc.returncode == 1
+    assert "is not writable by uid 50000" in proc.stderr and "airflow-auth volume" in proc.stderr

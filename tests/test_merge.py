@@ -25,6 +25,7 @@ T0 = "2026-11-19T01:00:00Z"
 T1 = "2026-11-19T02:00:00Z"
 T2 = "2026-11-19T03:00:00Z"
 T3 = "2026-11-19T04:00:00Z"
+CHILD = dict(itertools.pairwise(LEVELS))
 
 
 def patient(pid: str, t: str = T0, **kw: Any) -> dict[str, Any]:
@@ -91,6 +92,7 @@ class Sync:
                 sessions=self.sessions,
                 connect=self.connect,
                 parent_lookup=self.b.parent_link(level).column if level != "subject" else "source_key",
+                child_lookup=self.b.parent_link(CHILD[level]).column if level in CHILD else "source_key",
             ).as_dict()
         self.last_counts = counts
         self.assert_live_counts_kept()
@@ -429,3 +431,36 @@ def test_a_merge_of_a_few_thousand_records_is_shared_among_the_sessions(a_db: st
     assert (counts["subject"]["batches"], counts["subject"]["sessions"]) == (1, 1)
     assert counts["instance"]["inserted"] == 4_100
     s.conn.close()
+
+
+def test_instances_of_a_deleted_series_follow_the_live_series_that_takes_over_its_uid(sync: Sync) -> None:
+    sync.run(**full_tree())
+    sync.run(instance=[tomb("i2", T1)])  # i2 deleted by its own tombstone
+    sync.run(sequence=[tomb("q1", T2)])  # i1 deleted with its series
+    ids = sync.rows("sequence", "id")
+    # B re-created the series under a new id with the same SeriesInstanceUID; the images did not change.
+    counts = sync.run(sequence=[series("q9", "s1", T3, series_uid="1.3.q1")])
+    (q9,) = sync.rows("sequence", "id")["q9"]
+    inst = sync.rows("instance", "sequence_id", "deleted_at")
+    assert inst["i1"] == (q9, None)  # followed and back to life: it was deleted only because of q1
+    assert inst["i2"][0] == q9 and inst["i2"][1] is not None  # followed, but its own tombstone keeps it deleted
+    assert inst["i3"] == (ids["q2"][0], None)
+    assert counts["sequence"]["cascaded"] == {"instance": {"moved": 2, "undeleted": 1}}
+    assert counts["instance"]["updated"] == 0  # no instance record came in
+    before = sync.versions()
+    counts = sync.run(sequence=[series("q9", "s1", T3, series_uid="1.3.q1")])
+    assert sync.versions() == before and counts["sequence"]["cascaded"] == {}
+
+
+def test_instances_follow_when_their_old_series_is_deleted_after_the_new_one_arrived(sync: Sync) -> None:
+    sync.run(**full_tree())
+    sync.run(sequence=[series("q9", "s2", T1, series_uid="1.3.q1")])  # the new series first, the old still live
+    assert sync.rows("instance", "sequence_id")["i1"] == sync.rows("sequence", "id")["q1"]
+    sync.run(sequence=[tomb("q1", T2)])
+    (q9,) = sync.rows("sequence", "id")["q9"]
+    inst = sync.rows("instance", "sequence_id", "deleted_at")
+    assert inst["i1"] == (q9, None) and inst["i2"] == (q9, None)
+    # A deleted series with no live successor keeps its (deleted) instances.
+    sync.run(sequence=[tomb("q2", T2)])
+    assert sync.rows("instance", "sequence_id", "deleted_at")["i3"][0] == sync.rows("sequence", "id")["q2"][0]
+    assert sync.rows("instance", "deleted_at")["i3"][0] is not None

@@ -48,7 +48,7 @@ EXPECTED_PERMANENT = {
 
 
 def test_every_medsync_error_says_itself_whether_it_is_permanent() -> None:
-    import medsync.sources.b_rest.client  # noqa: F401  (its private errors are MedsyncErrors too)
+    import medsync.sources.rest.client  # noqa: F401  (its private errors are MedsyncErrors too)
 
     for cls in _all_subclasses(MedsyncError):
         assert "permanent" in vars(cls) or cls.__module__ != "medsync.errors", cls

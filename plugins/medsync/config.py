@@ -223,7 +223,7 @@ class SourceConfig(_Strict):
     """Attempts per API request before a transient failure fails the task (Airflow then retries it)."""
     max_backoff_seconds: float = Field(default=60.0, gt=0)
     rate_limit_per_second: float = Field(default=15.0, gt=0)
-    """Requests per second per task process; B allows about 20 per key in all."""
+    """Requests per second to the source in all: every task of every run together (``medsync.request_limit``)."""
     staging_commit_rows: int = Field(default=50_000, ge=1)
     """A pull commits its staging rows this often, so no transaction stays open for a whole window."""
     merge_batch_size: int = Field(default=20_000, ge=1)

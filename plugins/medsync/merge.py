@@ -443,11 +443,15 @@ def merge_level(
     sessions: int = 1,
     connect: Callable[[], psycopg.Connection] | None = None,
     parent_lookup: str = "source_key",
+    child_lookup: str = "source_key",
 ) -> MergeCounts:
     """Merges this run's staging table (and the level's pending records) into A.
 
     ``parent_lookup`` is the column of the parent's table that a staged ``parent_key`` matches
     (the source's ``ParentLink``: ``source_key``, or a UID column such as ``series_uid``).
+    ``child_lookup`` is the same for the child level (its records name this level's rows by it):
+    when it is a UID column, children linked to a deleted row of this level follow the live row
+    that took over their UID (:func:`_follow_new_parents`).
 
     ``conn`` must be in autocommit mode and used by nothing else meanwhile: the source
     lock and the temporary tables belong to its session. With ``sessions`` > 1 and a
@@ -469,6 +473,8 @@ def merge_level(
     work = work_table(source, level, run_id)
     if parent_lookup not in ("source_key", *(spec(s.parent_level).column_names if s.parent_level else ())):
         raise MergeError(f"{level}: parents cannot be looked up by {parent_lookup!r}")
+    if child_lookup not in ("source_key", *(s.column_names if s.child_level else ())):
+        raise MergeError(f"{level}: its children cannot look it up by {child_lookup!r}")
     q = _Sql(s, stage, work, parent_lookup)
     params: dict[str, Any] = {"src": source, "level": level, "run": run_id}
     counts = MergeCounts()
@@ -478,6 +484,11 @@ def merge_level(
             counts.build_seconds = time.monotonic() - started
             more = [connect] * (min(sessions, batches) - 1) if connect is not None else []
             _run_batches(conn, q, params, more=more, batches=batches, counts=counts)
+            if child_lookup != "source_key" and batches:
+                # After every batch committed: a UID's old and new rows may sit in batches of
+                # different sessions, and neither session sees the other's row before it commits.
+                with conn.transaction():
+                    _follow_new_parents(conn, q, params, child_lookup, counts)
             with conn.transaction():
                 counts.quarantine_resolved += _resolve_superseded_quarantine(conn, s, params)
         finally:
@@ -684,6 +695,81 @@ def _merge_batch(
         conn.execute(b.flipped, params)
         _cascade(conn, params["src"], level, counts, live)
     live_count.add(conn, params["src"], live)
+
+
+def _follow_new_parents(
+    conn: psycopg.Connection, q: _Sql, params: dict[str, Any], child_lookup: str, counts: MergeCounts
+) -> None:
+    """Re-points children linked to a deleted row of this level to the live row that took over its UID.
+
+    A child names its parent by a UID (``child_lookup``, B's images by ``series_uid``), and the
+    parent a UID resolves to is the live row with it, then the newest (as in the merge's own parent
+    lookup). When a UID of this merge's records now resolves to a live row, the source's children
+    still linked to a deleted row with that UID move to it, without waiting for them to change.
+    A moved child comes back to life unless it has a tombstone of its own (it was deleted only
+    because of its old parent: a-model.md's cascade rule), and its own children follow it.
+    Writes nothing when no child needs to move, so a re-run changes nothing.
+    """
+    s = q.s
+    child = spec(s.child_level or "")
+    uid, table, ctable, fk = _I(child_lookup), q.table, _I(A_SCHEMA, child.table), _I(child.parent_fk or "")
+    conn.execute(
+        "CREATE TEMP TABLE merge_followed (id uuid, parent_id uuid, was_deleted boolean, deleted_at timestamptz)"
+        " ON COMMIT DROP"
+    )
+    conn.execute(
+        sql.SQL(
+            """
+            INSERT INTO merge_followed (id, parent_id, was_deleted, deleted_at)
+            SELECT c.id, lp.id, c.deleted_at IS NOT NULL,
+                   CASE WHEN EXISTS (SELECT 1 FROM medsync.tombstone t WHERE t.source_system = c.source_system
+                                       AND t.level = %(child)s AND t.source_key = c.source_key)
+                        THEN c.deleted_at END
+            FROM (
+                SELECT DISTINCT ON (p.{uid}) p.{uid} AS uid, p.id, p.deleted_at
+                FROM {table} p
+                WHERE p.source_system = %(src)s
+                  -- The UIDs of this merge's records as A has them now (a tombstone carries none).
+                  AND p.{uid} IN (SELECT a.{uid} FROM {work} w JOIN {table} a
+                                  ON a.source_system = %(src)s AND a.source_key = w.source_key)
+                ORDER BY p.{uid}, (p.deleted_at IS NULL) DESC, p.source_updated_at DESC
+            ) lp
+            JOIN {table} old ON old.source_system = %(src)s AND old.{uid} = lp.uid
+                             AND old.deleted_at IS NOT NULL AND old.id <> lp.id
+            JOIN {ctable} c ON c.{fk} = old.id AND c.source_system = %(src)s
+            WHERE lp.deleted_at IS NULL
+            """
+        ).format(uid=uid, table=table, work=q.work, ctable=ctable, fk=fk),
+        {**params, "child": child.level},
+    )
+    moved, came_back = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE was_deleted AND deleted_at IS NULL) FROM merge_followed"
+    ).fetchone() or (0, 0)
+    if not moved:
+        return
+    conn.execute(
+        sql.SQL(
+            "UPDATE {ctable} c SET {fk} = f.parent_id, deleted_at = f.deleted_at, updated_at = now()"
+            " FROM merge_followed f WHERE c.id = f.id"
+        ).format(ctable=ctable, fk=fk)
+    )
+    bucket = counts.cascaded.setdefault(child.level, Counter())
+    bucket["moved"] += moved
+    bucket["undeleted"] += came_back
+    live: Counter[str] = Counter({child.level: came_back})
+    if came_back and child.child_level is not None:
+        conn.execute(_DROP_SESSION_TABLES)
+        conn.execute("CREATE TEMP TABLE merge_flipped (id uuid, deleted_at timestamptz) ON COMMIT DROP")
+        conn.execute("CREATE TEMP TABLE merge_flipped_next (id uuid, deleted_at timestamptz) ON COMMIT DROP")
+        conn.execute("CREATE TEMP TABLE merge_cascade (id uuid, deleted_at timestamptz) ON COMMIT DROP")
+        conn.execute(
+            "INSERT INTO merge_flipped SELECT id, deleted_at FROM merge_followed"
+            " WHERE was_deleted AND deleted_at IS NULL"
+        )
+        _cascade(conn, params["src"], child.level, counts, live)
+    live_count.add(conn, params["src"], live)
+    log.info("%s: %d %s rows followed their UID to its live %s (%d back to life)",
+             s.level, moved, child.level, s.level, came_back)  # fmt: skip
 
 
 def _use_larger_temp_buffers(conn: psycopg.Connection) -> None:

@@ -21,6 +21,7 @@ from medsync import ledger
 from medsync.config import LEVELS, SourceConfig, get_source_config
 from medsync.errors import RunParamsError, SourceBehindError
 from medsync.mapping import load_mapping
+from medsync.request_limit import DatabaseRequestLimiter
 from medsync.sources import open_source
 from medsync.sources.base import Buckets, DeletionMode, RecordParser
 from medsync.windows import FULL_REFRESH, REPAIR, RunFacts, advances_watermark, plan_window, sync_kind
@@ -52,6 +53,11 @@ def connect_a(cfg: SourceConfig) -> psycopg.Connection:
         connect_timeout_seconds=cfg.database.connect_timeout_seconds,
         statement_timeout_seconds=cfg.database.statement_timeout_seconds,
     ).get_conn()
+
+
+def request_limiter(cfg: SourceConfig) -> DatabaseRequestLimiter:
+    """The source's request limit for every task of every run together (kept in A's database)."""
+    return DatabaseRequestLimiter(lambda: connect_a(cfg), cfg.name, cfg.rate_limit_per_second)
 
 
 def buckets(cfg: SourceConfig, variable: Callable[[str], str | None] = get_variable) -> Buckets:
@@ -148,7 +154,7 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
             and slice_index == 0
             and snapshot.due(conn, cfg, level, run_id)
         )
-        with src.connect() as client:
+        with request_limiter(cfg) as limiter, src.connect(limiter) as client:
             # A full refresh pulls about what the source's counts say (one request), so its progress
             # lines can say what is left; a window's share of them is unknown.
             source_counts = client.counts() if full_refresh else None
@@ -183,11 +189,15 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
     A full refresh fails as soon as a level's source served versions older than A holds (the
     source went back in time); the merge never applies those, so A keeps its newer rows.
     """
+    from medsync.levels import spec
     from medsync.merge import merge_level
     from medsync.report import source_behind_message
 
     cfg = get_source_config(source)
-    parent_lookup = open_source(cfg).parent_link(level).column if level != LEVELS[0] else "source_key"
+    source_of = open_source(cfg)
+    parent_lookup = source_of.parent_link(level).column if level != LEVELS[0] else "source_key"
+    child_level = spec(level).child_level
+    child_lookup = source_of.parent_link(child_level).column if child_level is not None else "source_key"
     with connect_a(cfg) as conn:
         run = ledger.get_run(conn, run_id)
         if ledger.level_window(conn, run_id, level) is None:
@@ -200,6 +210,7 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
                 source=source,
                 level=level,
                 parent_lookup=parent_lookup,
+                child_lookup=child_lookup,
                 run_id=run_id,
                 batch_size=cfg.merge_batch_size,
                 lock_timeout_seconds=cfg.lock_timeout_seconds,
@@ -223,7 +234,11 @@ def report(source: str, run_id: int) -> dict[str, Any]:
     from medsync.report import COLUMNS, build_report, check_full_refresh, format_report
 
     cfg = get_source_config(source)
-    with open_source(cfg).connect() as client, connect_a(cfg) as conn:
+    with (
+        request_limiter(cfg) as limiter,
+        open_source(cfg).connect(limiter) as client,
+        connect_a(cfg) as conn,
+    ):
         result = build_report(
             conn,
             client,

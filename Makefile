@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-slow lint bench bench-parse airflow presign clean
+.PHONY: install demo test test-fast test-slow lint bench bench-parse airflow presign check-source clean
 
 install: $(STAMP)
 
@@ -36,6 +36,7 @@ test-slow: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: install
 	scripts/ensure-postgres.sh
@@ -49,6 +50,11 @@ bench-parse: install
 airflow: install
 	scripts/ensure-postgres.sh
 	scripts/airflow-local.sh $(AIRFLOW_ARGS)
+
+# Check a source's config and mapping; with the API connection in the environment, one page of
+# each level is fetched and parsed (nothing written): make check-source SOURCE=c [FETCH=1]
+check-source: install
+	PYTHONPATH=plugins $(BIN)/python -m medsync.check_source $(SOURCE) $(if $(FETCH),--fetch)
 
 # A presigned URL for instance ids, with the connections in the environment (see README).
 presign: install

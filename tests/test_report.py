@@ -11,7 +11,7 @@ import pytest
 from medsync import live_count
 from medsync.config import LEVELS
 from medsync.errors import ReconciliationError
-from medsync.report import build_report, check_full_refresh
+from medsync.report import build_report, check_full_refresh, format_report
 from medsync.sources.base import RawPage, SourceClient
 from tests.test_merge import Sync, full_tree, tomb
 
@@ -21,17 +21,17 @@ B_LIVE = {"subject": 2, "study": 2, "sequence": 2, "instance": 3}
 class CountsOnly(SourceClient):
     """B's side of the report: ``/counts`` and no records changed after the window."""
 
-    def __init__(self, counts: dict[str, int]) -> None:
+    def __init__(self, counts: dict[str, int] | None) -> None:
         self._counts = counts
 
-    def counts(self) -> dict[str, int]:
-        return dict(self._counts)
+    def counts(self) -> dict[str, int] | None:
+        return None if self._counts is None else dict(self._counts)
 
     def iter_pages(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
         return iter([])
 
 
-def report(sync: Sync, run_id: int, kind: str, b_live: dict[str, int] = B_LIVE) -> dict[str, Any]:
+def report(sync: Sync, run_id: int, kind: str, b_live: dict[str, int] | None = B_LIVE) -> dict[str, Any]:
     conn = sync.conn
     conn.execute("UPDATE medsync.sync_run SET run_type = %s WHERE id = %s", (kind, run_id))
     for level in LEVELS:
@@ -91,3 +91,13 @@ def test_a_level_without_a_kept_count_is_counted(loaded: Sync) -> None:
     levels = report(loaded, 1, "scheduled")["levels"]
     assert [levels[level]["a_live"] for level in LEVELS] == [2, 2, 2, 3]
     assert live_count.read(loaded.conn, "b") == {"subject": 2, "study": 2, "sequence": 2, "instance": 3}
+
+
+def test_a_source_without_counts_is_reported_as_not_checked(loaded: Sync) -> None:
+    result = report(loaded, 1, "full_refresh", None)
+    instance = result["levels"]["instance"]
+    assert (instance["a_live"], instance["source_live"], instance["difference"]) == (3, None, None)
+    check_full_refresh(result)  # nothing to reconcile against: not a failure
+    text = format_report(result)
+    assert "the source gives no counts" in text
+    assert text.splitlines()[-2].split()[-3:] == ["3", "-", "-"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -54,11 +56,15 @@ def test_two_prepares_racing_both_succeed_and_migrate_once(a_db: str) -> None:
     assert sorted(map(str, results)) == ["[1, 2]", "[]", "[]", "[]"]
 
 
-def test_an_edited_applied_migration_is_refused(a_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_edited_applied_migration_is_refused(a_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with psycopg.connect(a_db, autocommit=True) as conn:
         schema.migrate(conn)
-        original = schema._migrations()
-        monkeypatch.setattr(schema, "_migrations", lambda: [(v, n, t + "\n-- edited") for v, n, t in original])
+        # A deployment whose include/ holds an edited copy of an applied migration.
+        edited = tmp_path / "include"
+        shutil.copytree(schema.migrations_dir().parents[1], edited)
+        first = sorted((edited / "sql" / "migrations").glob("*.sql"))[0]
+        first.write_text(first.read_text() + "\n-- edited\n")
+        monkeypatch.setenv("MEDSYNC_INCLUDE_DIR", str(edited))
         with pytest.raises(SchemaError, match="changed after it was applied"):
             schema.migrate(conn)
 

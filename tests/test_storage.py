@@ -497,7 +497,7 @@ def test_presign_instance_refuses_unknown_deleted_and_bad_rows(env: Env, rows: R
         presign_instance(db, deleted, expires_in=3601)
 
 
-def test_batch_is_one_query_and_one_client_per_source(env: Env, rows: Rows, a_db: str, monkeypatch) -> None:
+def test_batch_is_one_query_and_one_client_per_source(env: Env, rows: Rows, a_db: str) -> None:
     wanted: list[uuid.UUID | str] = []
     bodies = {}
     for i in range(12):
@@ -511,20 +511,13 @@ def test_batch_is_one_query_and_one_client_per_source(env: Env, rows: Rows, a_db
     unknown = uuid.uuid4()
     wanted[3:3] = [deleted, unknown, "nope", str(wanted[0])]  # and a duplicate, as text
 
-    clients = []
-    original = InstanceFileHook.get_client_type
-
-    def spy(self, *args, **kwargs):
-        clients.append(self.source_name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(InstanceFileHook, "get_client_type", spy)
+    hooks = SourceHooks()
     conn, statements = counting_connection(a_db)
     with conn:
-        batch = presign_instances(conn, wanted, expires_in=120)
+        batch = presign_instances(conn, wanted, expires_in=120, hooks=hooks)
 
     assert len(statements) == 1 and "ANY" in statements[0]
-    assert sorted(clients) == ["a", "b"]
+    assert hooks.sources == ("a", "b")  # one hook, so one S3 client, per source
     assert list(batch.urls) == [i for i in wanted if i in bodies]  # request order, duplicate dropped
     assert set(batch.refused) == {deleted, unknown, "nope"}
     assert "is deleted" in batch.refused[deleted] and "does not exist" in batch.refused[unknown]
@@ -539,15 +532,17 @@ def test_batch_is_one_query_and_one_client_per_source(env: Env, rows: Rows, a_db
         batch.raise_for_refused()
 
     # A SourceHooks shared by several calls keeps one client per source across them.
-    clients.clear()
     hooks = SourceHooks()
     conn, statements = counting_connection(a_db)
     with conn:
-        for _ in range(3):
+        assert len(presign_instances(conn, wanted, hooks=hooks).urls) == len(bodies)
+        clients = {source: hooks[source].get_conn() for source in hooks.sources}
+        for _ in range(2):
             assert len(presign_instances(conn, wanted, hooks=hooks).urls) == len(bodies)
         assert presign_instances(conn, [], hooks=hooks).urls == {}
     assert len(statements) == 3
-    assert sorted(clients) == ["a", "b"]
+    assert hooks.sources == ("a", "b")
+    assert all(hooks[source].get_conn() is client for source, client in clients.items())
 
 
 def test_presign_sequence(env: Env, rows: Rows, a_db: str, db) -> None:

@@ -138,7 +138,7 @@ def build_dag(cfg: SourceConfig) -> DAG:
 
             return tasks.finish(source, plan["run_id"])
 
-        plan = prepare()
+        plan: Any = prepare()  # an XComArg: the run id reaches each task at run time
         previous_merge = None
         for level in LEVELS:
             pull = pull_task(level)

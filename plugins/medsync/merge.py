@@ -51,6 +51,8 @@ from medsync.staging import staging_table, staging_table_name
 log = logging.getLogger(__name__)
 
 _I = sql.Identifier
+Query = sql.SQL | sql.Composed
+"""What a statement of the merge is once composed (psycopg executes both)."""
 
 MERGE_TEMP_BUFFERS = "64MB"
 MIN_SHARED_BATCH = 2_000
@@ -107,7 +109,7 @@ class _Sql:
         staged_list = sql.SQL(", ").join(map(_I, staged))
         self.pending = pending = _I(SCHEMA, f"pending_{s.level}")
 
-        pending_part = sql.SQL("")
+        pending_part: Query = sql.SQL("")
         if s.parent_level:
             pending_part = sql.SQL("UNION ALL SELECT {cols}, true FROM {pending} WHERE source_system = %(src)s").format(
                 cols=staged_list, pending=pending
@@ -149,7 +151,7 @@ class _Sql:
             ).format(
                 work=work, dedup=dedup, lookup=lookup, ptable=_I(A_SCHEMA, parent.table), stage=stage, pending=pending
             )
-            parent_cols = sql.SQL("a.{fk} AS a_parent_id").format(fk=_I(s.parent_fk or ""))
+            parent_cols: Query = sql.SQL("a.{fk} AS a_parent_id").format(fk=_I(s.parent_fk or ""))
         else:
             self.build_work = sql.SQL(
                 "CREATE UNLOGGED TABLE {work} AS"
@@ -233,7 +235,7 @@ class _Sql:
             "INSERT INTO {table} ({cols}) SELECT {vals} FROM merge_decided WHERE action = 'insert'"
         ).format(table=self.table, cols=sql.SQL(", ").join(insert_cols), vals=sql.SQL(", ").join(insert_vals))
 
-        sets = [sql.SQL("{c} = d.{nc}").format(c=_I(c), nc=_I(f"n_{c}")) for c in cols]
+        sets: list[Query] = [sql.SQL("{c} = d.{nc}").format(c=_I(c), nc=_I(f"n_{c}")) for c in cols]
         if s.parent_fk:
             sets.append(sql.SQL("{fk} = d.n_parent_id").format(fk=_I(s.parent_fk)))
         sets += [
@@ -249,11 +251,11 @@ class _Sql:
             pcols = sql.SQL(", ").join(map(_I, ("source_system", *staged)))
             pvals = sql.SQL(", ").join([sql.SQL("%(src)s"), *map(_I, staged)])
             pupdate = sql.SQL(", ").join(sql.SQL("{c} = excluded.{c}").format(c=_I(c)) for c in staged)
-            self.pending_clear = sql.SQL(
+            self.pending_clear: Query | None = sql.SQL(
                 "DELETE FROM {p} pe USING merge_decided d WHERE pe.source_system = %(src)s"
                 " AND pe.source_key = d.source_key AND d.action <> 'pending'"
             ).format(p=pending)
-            self.pending_keep = sql.SQL(
+            self.pending_keep: Query | None = sql.SQL(
                 "INSERT INTO {p} ({cols}) SELECT {vals} FROM merge_decided WHERE action = 'pending'"
                 " ON CONFLICT (source_system, source_key) DO UPDATE SET {upd}"
             ).format(p=pending, cols=pcols, vals=pvals, upd=pupdate)
@@ -457,7 +459,7 @@ def _rows_per_batch(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], b
     """
     if sessions <= 1:
         return batch_size
-    pending = sql.SQL("")
+    pending: Query = sql.SQL("")
     if q.s.parent_level:
         pending = sql.SQL(" + (SELECT count(*) FROM {} WHERE source_system = %(src)s)").format(q.pending)
     row = conn.execute(sql.SQL("SELECT (SELECT count(*) FROM {}){}").format(q.stage, pending), params).fetchone()

@@ -85,13 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Imported here so that --help answers without loading Airflow and boto3; Airflow
         # installs its log handlers on import, hence inside the redirection.
         import psycopg
-        from airflow.providers.postgres.hooks.postgres import PostgresHook
         from airflow.sdk.exceptions import AirflowNotFoundException
 
+        from medsync.hooks.a_database import ADatabaseHook
         from medsync.hooks.storage import presign_instances
 
         try:
-            conn = PostgresHook(postgres_conn_id=args.db_conn_id).get_conn()
+            conn = ADatabaseHook(args.db_conn_id).get_conn()
             try:
                 conn.read_only = True  # a support tool never writes A's tables
                 conn.execute("SET statement_timeout = 10000")

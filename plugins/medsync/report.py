@@ -89,7 +89,7 @@ def build_report(
             "SELECT count(*) FROM medsync.quarantine WHERE source_system = %s AND level = %s AND resolved_at IS NULL",
             (source, level),
         ).fetchone()
-        pending = (0,)
+        pending: tuple[Any, ...] | None = (0,)
         if spec(level).parent_level:
             pending = conn.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE source_system = %s").format(

@@ -94,7 +94,7 @@ def ensure_staging_table(conn: psycopg.Connection, source: str, level: str, run_
 
 def _column_types(conn: psycopg.Connection, table: sql.Identifier, columns: Iterable[str]) -> list[int]:
     """Type OIDs of a staging table's ``columns``, in that order."""
-    found = dict(
+    found: dict[str, int] = dict(
         conn.execute(
             "SELECT attname, atttypid::int FROM pg_attribute"
             " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",

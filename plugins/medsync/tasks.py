@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -37,7 +37,8 @@ def get_variable(name: str) -> str | None:
     from airflow.sdk import Variable
 
     try:
-        return Variable.get(name, default=None)
+        value = Variable.get(name, default=None)
+        return None if value is None else str(value)
     except (KeyError, RuntimeError, ImportError) as exc:
         # Outside a task (benchmarks, the support CLI) there may be no way to ask Airflow.
         log.debug("variable %s not readable here (%s); using the config's default", name, type(exc).__name__)
@@ -82,7 +83,7 @@ def prepare(source: str, *, dag_run_id: str, facts: RunFacts) -> dict[str, Any]:
             ).fetchone()
             assert row is not None
             run_id = int(row[0])
-            marks = dict(
+            marks: dict[str, datetime] = dict(
                 conn.execute(
                     "SELECT level, synced_until FROM medsync.watermark WHERE source_system = %s", (source,)
                 ).fetchall()

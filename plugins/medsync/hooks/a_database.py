@@ -27,11 +27,11 @@ class ADatabaseHook(PostgresHook):
     def __init__(self, postgres_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(postgres_conn_id=postgres_conn_id, **kwargs)
 
-    def get_conn(self) -> psycopg.Connection:  # type: ignore[override]
+    def get_conn(self) -> psycopg.Connection:
         conn = super().get_conn()
         if not isinstance(conn, psycopg.Connection):
             raise TypeError("medsync needs psycopg 3 (install psycopg[binary]); got a psycopg2 connection")
         conn.autocommit = True
-        conn.row_factory = tuple_row  # type: ignore[assignment]
+        conn.row_factory = tuple_row
         conn.execute("SET application_name = 'medsync'")
         return conn

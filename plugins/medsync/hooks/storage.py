@@ -359,6 +359,11 @@ class SourceHooks:
             self._hooks[source] = InstanceFileHook(source, policy=self.policy)
         return self._hooks[source]
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The sources whose hook (and so whose one S3 client) has been made, sorted."""
+        return tuple(sorted(self._hooks))
+
 
 @dataclass(frozen=True)
 class PresignBatch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -26,9 +27,8 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
-def put_files(endpoint: str, bucket: str, files: Iterable[tuple[str, bytes]]) -> int:
-    """Creates ``bucket`` if needed and puts every (key, bytes); returns how many."""
-    client = boto3.client(
+def _client(endpoint: str) -> Any:
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id="testing",
@@ -36,12 +36,36 @@ def put_files(endpoint: str, bucket: str, files: Iterable[tuple[str, bytes]]) ->
         region_name="us-east-1",
         config=Config(signature_version="s3v4", connect_timeout=5, read_timeout=30),
     )
+
+
+def _ensure_bucket(client: Any, bucket: str) -> None:
     try:
         client.create_bucket(Bucket=bucket)
     except client.exceptions.BucketAlreadyOwnedByYou:
         pass
+
+
+def put_files(endpoint: str, bucket: str, files: Iterable[tuple[str, bytes]]) -> int:
+    """Creates ``bucket`` if needed and puts every (key, bytes); returns how many."""
+    client = _client(endpoint)
+    _ensure_bucket(client, bucket)
     count = 0
     for key, body in files:
         client.put_object(Bucket=bucket, Key=key, Body=body)
         count += 1
     return count
+
+
+def put_objects(endpoint: str, objects: Iterable[tuple[tuple[str, str], bytes]]) -> dict[str, int]:
+    """Puts every ((bucket, key), bytes), creating each bucket on first use; returns how many
+    objects per bucket. For sources that spread files over several buckets, such as C
+    (``simulator_c``'s ``iter_files()`` yields exactly this shape)."""
+    client = _client(endpoint)
+    counts: dict[str, int] = {}
+    for (bucket, key), body in objects:
+        if bucket not in counts:
+            _ensure_bucket(client, bucket)
+            counts[bucket] = 0
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+        counts[bucket] += 1
+    return counts

@@ -2,127 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-import socket
-import struct
 import threading
-import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any
 
-from simulator.api import ADMIN_PREFIX, API_PREFIX, Api, ApiError, Response
+from simulator.api import ADMIN_PREFIX, API_PREFIX, Api
 from simulator.config import FaultConfig, SimConfig
+from simulator.httpd import RequestHandler, ThreadingServer
 from simulator.model import Catalogue
-
-log = logging.getLogger(__name__)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        super().__init__(address, handler)
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._open_lock:
-            self._open.add(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._open_lock:
-                self._open.discard(request)
-
-    def close_open_connections(self) -> None:
-        """End keep-alive connections too, so a stopped simulator really stops answering."""
-        with self._open_lock:
-            conns = list(self._open)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                continue  # already closed by its handler
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients hanging up mid-response (timeouts on slow pages) are normal here: log, don't print.
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections as they would with B
-    disable_nagle_algorithm = True  # small responses must not wait for delayed ACKs
-    server_version = "BSim/1.0"
-    api: ClassVar[Api]
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Silent on purpose: requests carry the API key in a header and B's keys are never logged.
-        return
-
-    def _dispatch(self, method: str) -> None:
-        path, _, query = self.path.partition("?")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            self._send(ApiError(400, "bad_request", "invalid Content-Length").response())
-            return
-        body = self.rfile.read(length) if length > 0 else b""
-        resp = self.api.handle(method, path, query, self.headers, body)
-        if resp.delay > 0:
-            time.sleep(resp.delay)
-        if resp.drop:
-            self._drop(resp.drop)
-            return
-        self._send(resp)
-
-    def _head(self, resp: Response) -> bytes:
-        lines = [f"HTTP/1.1 {resp.status} {HTTPStatus(resp.status).phrase}"]
-        lines.extend(f"{k}: {v}" for k, v in resp.headers)
-        lines.append(f"Content-Length: {len(resp.body)}")
-        if self.close_connection:
-            lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    def _send(self, resp: Response) -> None:
-        # One write for head and body: no extra round trip or Nagle stall per page.
-        self.wfile.write(self._head(resp) + resp.body)
-
-    def _drop(self, mode: str) -> None:
-        self.close_connection = True
-        if mode == "mid_body":
-            body = b'{"data":[{"id":"x"' + b" " * 200 + b"]}"
-            fake = Response(200, body)
-            self.wfile.write(self._head(fake) + body[: len(body) // 2])
-        elif mode == "reset":
-            # SO_LINGER 0 turns close() into a TCP RST ("connection reset by peer"); closing here,
-            # before socketserver's own shutdown(SHUT_WR), keeps a FIN from going out first.
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()
-            return
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            return  # the peer went first; nothing left to drop
 
 
 class BSimulator(Catalogue):
@@ -147,7 +34,7 @@ class BSimulator(Catalogue):
         self.api = Api(self, api_key, faults)
         self._host = host
         self._port = port
-        self._server: _Server | None = None
+        self._server: ThreadingServer | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -156,8 +43,8 @@ class BSimulator(Catalogue):
         """Listen and serve in a background thread (idempotent). Returns self."""
         if self._server is not None:
             return self
-        handler = type("_BoundHandler", (_Handler,), {"api": self.api})
-        self._server = _Server((self._host, self._port), handler)
+        handler = type("_BoundHandler", (RequestHandler,), {"api": self.api})
+        self._server = ThreadingServer((self._host, self._port), handler)
         self._port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="bsim-http", daemon=True

@@ -36,6 +36,7 @@ from medsync.windows import RunFacts
 from simulator_c import CSimulator, FaultConfig, SimConfig
 
 TOKEN = "c-e2e-token-9QmZ"
+C_KEYS = ("AKIDMEDSYNCC0000TEST", "c-secret/Key+with=odd chars 9876543210")  # C's AWS identity (moto takes any)
 BUCKETS = ("c-archive-eu-1", "c-archive-eu-2")  # include/sources/c.yaml: bucket + allowed_buckets
 # C's data lies in the 10 days before BASE (the simulator's manual clock starts there); the runs'
 # 12-hour windows after it all end before the wall clock's now, as real windows do.
@@ -72,11 +73,10 @@ class Pipeline:
 
     def __init__(self, dsn: str, dbname: str, sim: CSimulator, endpoint: str, include: Path) -> None:
         self.dsn, self.sim, self.endpoint, self.include = dsn, sim, endpoint, include
-        self.wiring = Wiring(
-            f"postgresql://postgres@127.0.0.1:5432/{dbname}",
-            (SourceWiring("c", sim.base_url, TOKEN, endpoint, bucket=BUCKETS[0], allowed_buckets=BUCKETS[1:]),),
-            include_dir=include,
+        c = SourceWiring(
+            "c", sim.base_url, TOKEN, endpoint, bucket=BUCKETS[0], allowed_buckets=BUCKETS[1:], aws_keys=C_KEYS
         )
+        self.wiring = Wiring(f"postgresql://postgres@127.0.0.1:5432/{dbname}", (c,), include_dir=include)
         self.runs = 0
         self.monkeypatch = pytest.MonkeyPatch()
 
@@ -444,3 +444,46 @@ def _kept_by_test_9(p: Pipeline) -> set[str]:
     """The stored file test 9 made unstorable (A keeps its last allowed version)."""
     held = p.open_quarantine()
     return {k for k, r in held.items() if r.startswith("object.bucket:") and p.row("instance", k) is not None}
+
+
+def test_11_presigned_urls_for_cs_instances_in_both_buckets_with_cs_identity_and_a_third_bucket_refused(
+    pipeline: Pipeline,
+) -> None:
+    import requests
+    from test_storage import BadUrl, s3_path, verify_presigned_get
+
+    from medsync.errors import StorageError
+    from medsync.hooks.storage import InstanceFileHook, presign_instance, presign_instances
+
+    p = pipeline
+    files = dict(p.sim.iter_files())
+    rows = p.query(
+        "SELECT DISTINCT ON (storage_bucket) id, storage_bucket, storage_key FROM imaging.instance"
+        " WHERE source_system = 'c' AND deleted_at IS NULL ORDER BY storage_bucket, source_key"
+    )
+    assert {bucket for _, bucket, _ in rows} == set(BUCKETS)
+    host = p.endpoint.removeprefix("http://")
+    with p.conn() as conn:
+        for instance_id, bucket, key in rows:
+            url = presign_instance(conn, instance_id)
+            verify_presigned_get(url, access_key=C_KEYS[0], secret_key=C_KEYS[1], host=host,
+                                 path=s3_path(bucket, key), expires=300)  # fmt: skip
+            with pytest.raises(BadUrl):  # not signed with moto's default (B's test) identity
+                verify_presigned_get(url, access_key="testing", secret_key="testing", host=host,
+                                     path=s3_path(bucket, key), expires=300)  # fmt: skip
+            assert requests.get(url, timeout=30).content == files[(bucket, key)]
+        # A C instance whose row names a third bucket (say, written before C's buckets were
+        # narrowed) is refused, and so is a direct request for that bucket.
+        sequence_id = p.query("SELECT id FROM imaging.sequence WHERE source_system = 'c' AND deleted_at IS NULL")[0][0]
+        third = uuid.uuid4()
+        conn.execute(
+            "INSERT INTO imaging.instance (id, sequence_id, source_system, source_key, sop_instance_uid,"
+            " storage_bucket, storage_key) VALUES (%s, %s, 'c', %s, '1.2.3', 'c-archive-us-9', 'v2/x/0001.dcm')",
+            (third, sequence_id, str(uuid.uuid4())),
+        )
+        batch = presign_instances(conn, [third, rows[0][0]])
+        conn.rollback()
+    assert set(batch.urls) == {rows[0][0]}
+    assert "not allowed" in batch.refused[third] and "c-archive-us-9" in batch.refused[third]
+    with pytest.raises(StorageError, match="not allowed for source 'c'"):
+        InstanceFileHook("c").presign("c-archive-us-9", "v2/x/0001.dcm")

@@ -487,3 +487,131 @@ def test_11_presigned_urls_for_cs_instances_in_both_buckets_with_cs_identity_and
     assert "not allowed" in batch.refused[third] and "c-archive-us-9" in batch.refused[third]
     with pytest.raises(StorageError, match="not allowed for source 'c'"):
         InstanceFileHook("c").presign("c-archive-us-9", "v2/x/0001.dcm")
+
+
+# --- the real DAG: medsync_c run by Airflow (airflow dags test) ---------------------------------------
+
+SEOUL_TICK = BASE - timedelta(hours=9)  # 00:00 Asia/Seoul, a tick of "0 0,12 * * *"
+
+
+class DagStack:
+    """One Airflow home (SQLite metadata) wired to C's simulator, A's database and the S3 server."""
+
+    def __init__(self, tmp: Path, dsn: str, dbname: str, sim: CSimulator, endpoint: str) -> None:
+        from devstack.airflow_env import airflow_env, migrate_metadata
+
+        self.dsn, self.sim, self.endpoint = dsn, sim, endpoint
+        self.include = include_copy(tmp / "include", "c", page_size=10, merge_batch_size=13, retries=0)
+        c = SourceWiring("c", sim.base_url, TOKEN, endpoint, aws_keys=C_KEYS)  # the config's own buckets
+        self.env = airflow_env(tmp / "airflow", Wiring(f"postgresql://postgres@127.0.0.1:5432/{dbname}", (c,),
+                                                       include_dir=self.include))  # fmt: skip
+        migrate_metadata(self.env)
+
+    def run(self, *, logical_date: datetime | None = None, **conf: Any) -> str:
+        from devstack.airflow_env import dags_test
+
+        put_objects(self.endpoint, self.sim.iter_files())
+        when = logical_date.isoformat() if logical_date else None
+        result = dags_test(self.env, "medsync_c", logical_date=when, conf=conf)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-6000:]
+        assert "Task failed" not in output, output[-6000:]
+        assert_no_secret_or_phi(output, self.sim)
+        return output
+
+    def query(self, text: str, *args: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn) as conn:
+            return conn.execute(text, args).fetchall()
+
+    def check(self) -> Expected:
+        with psycopg.connect(self.dsn) as conn:
+            return assert_a_matches_c(conn, self.sim)
+
+
+def phi_samples(sim: CSimulator) -> list[str]:
+    """Some MRNs, family names and birth dates C holds: none may appear in any log."""
+    found: list[str] = []
+    for rec in list(sim.live_records("participants"))[:8]:
+        family = (rec.get("display_name") or "").partition(",")[0].strip()
+        found += [v for v in (rec["identifiers"].get("mrn"), family, rec.get("dob")) if v and len(v) >= 6]
+    return found
+
+
+def assert_no_secret_or_phi(output: str, sim: CSimulator) -> None:
+    assert TOKEN not in output and C_KEYS[1] not in output
+    for secret in phi_samples(sim):
+        assert secret not in output, "patient data reached the logs"
+
+
+@pytest.fixture(scope="module")
+def dag_stack(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Iterator[DagStack]:
+    dbname = f"medsync_e2ecd_{uuid.uuid4().hex[:8]}"
+    dsn = create_database(dbname, template=a_template_db)
+    tmp = tmp_path_factory.mktemp("e2e_c_dag")
+    # C's documented 10 requests/s limit stays on: the config's own pace (8/s) must live with it.
+    with CSimulator(sim_config(seed=23), token=TOKEN, faults=FaultConfig()) as sim, s3_server() as endpoint:
+        yield DagStack(tmp, dsn, dbname, sim, endpoint)
+    drop_database(dbname)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_dag_first_load_through_cs_faults_then_a_window_with_deletes_restores_and_new_records(
+    dag_stack: DagStack,
+) -> None:
+    stack, sim = dag_stack, dag_stack.sim
+    # Run 1: the first load (full_refresh) through 429 with an HTTP-date Retry-After, 503 with
+    # one, dropped connections and expired snapshots (410).
+    sim.set_faults(throttle_every=6, throttle_retry_after=1, unavailable_every=9, unavailable_retry_after=1,
+                   drop_every=7, expire_every=3, max_faults=24)  # fmt: skip
+    try:
+        output = stack.run(full_refresh=True)
+        faults = sim.stats()["faults"]
+    finally:
+        sim.set_faults()
+    assert faults["throttle"] > 0 and faults["unavailable"] > 0 and faults["drop"] > 0 and faults["expire"] > 0, faults
+    want = stack.check()
+    assert "sync report for c" in output
+    (report,) = stack.query("SELECT report FROM medsync.sync_run WHERE source_system = 'c' ORDER BY id DESC LIMIT 1")
+    report = report[0]
+    assert report["kind"] == "full_refresh"
+    for level, figures in report["levels"].items():
+        assert figures["a_live"] == len(want.live[level])
+        assert figures["source_live"] == sim.counts()[LEVEL_RESOURCE[level]]
+    assert report["files"]["checked"] > 0 and report["files"]["ok"] == report["files"]["checked"]
+    held = dict(stack.query("SELECT source_key, reason FROM medsync.quarantine WHERE resolved_at IS NULL"))
+    assert set(held) == {u for d in want.held_back.values() for u in d}
+
+    # Run 2: the scheduled window [tick - 12h, tick) after C changed things inside it.
+    tick = SEOUL_TICK + timedelta(hours=24)
+    sim.set_now(tick - timedelta(hours=11))
+    subjects = sorted(want.live["subject"])
+    gone = subjects[0]
+    cascade = descendants(sim, "subject", gone)
+    sim.delete("participants", gone)
+    renamed = subjects[1]
+    sim.update("participants", renamed, display_name="Ōkubo ,  Ren ")
+    visit = sorted(want.live["study"])[-1]
+    sim.delete("visits", visit)
+    sim.advance(60)
+    sim.restore("visits", visit)  # deleted and back within one window: live, nothing cascades
+    new = sim.add_participant_tree(visits=1, acquisitions=1, files=2)
+    before = {(t, k): x for t in LEVELS for k, x in stack.query(
+        f"SELECT source_key, xmin::text FROM imaging.{t} WHERE source_system = 'c'")}  # fmt: skip
+    stack.run(logical_date=tick)
+    want = stack.check()
+    assert want.live["subject"][renamed][1] == "Ōkubo^Ren"
+    assert new["participant"] in want.live["subject"] and set(new["files"]) <= set(want.live["instance"])
+    after = {(t, k): x for t in LEVELS for k, x in stack.query(
+        f"SELECT source_key, xmin::text FROM imaging.{t} WHERE source_system = 'c'")}  # fmt: skip
+    written = {k for k, x in before.items() if after[k] != x}
+    changed = {("subject", gone), ("subject", renamed), ("study", visit)}
+    changed |= {(level, k) for level, keys in cascade.items() for k in keys}
+    assert ("subject", gone) in written and ("subject", renamed) in written
+    assert written <= changed, sorted(written - changed)[:5]
+    (root,) = [i for i in sim.deletions() if i["uuid"] == gone]
+    for level, keys in cascade.items():
+        for key in keys:
+            assert stack.query(f"SELECT deleted_at FROM imaging.{level} WHERE source_key = %s", key) == [
+                (millis(root["deleted"]),)
+            ]

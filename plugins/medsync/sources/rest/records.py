@@ -198,11 +198,17 @@ class _Input:
 
     kind: str = "other"
     """``string``/``integer``/``boolean`` for a plain typed value (the fast path reads it inline)."""
+    bounds: tuple[int, int] | None = None
+    """An integer's inclusive range (``check`` says the same with a reason); the fast path tests it inline."""
+    bare_check: Callable[[Any], Any] | None = None
+    """``check`` without the path prefix on its message: one call less on the fast path."""
 
     def fast(self) -> Getter:
         """Extract, required and check in one call; raises on any problem (the explaining path says which)."""
         if self.kind != "other" and "." not in self.path:
-            return _fast_plain(self.path, self.kind, self.required, self.check)
+            if self.bounds is not None:
+                return _fast_integer(self.path, self.required, self.bounds)
+            return _fast_plain(self.path, self.kind, self.required, self.bare_check or self.check)
         extract, required, check = self.extract, self.required, self.check
         if check is None and not required:
             return extract
@@ -216,6 +222,23 @@ class _Input:
             return check(value) if check is not None else value
 
         return fast
+
+
+def _fast_integer(name: str, required: bool, bounds: tuple[int, int]) -> Getter:
+    """The fast reader of a top-level integer field: one dict lookup, the exact type, the range."""
+    low, high = bounds
+
+    def fast(raw: dict[str, Any]) -> Any:
+        value: Any = raw.get(name)
+        if value is None:
+            if required:
+                raise _Refused
+            return None
+        if type(value) is not int or not low <= value <= high:  # exact: a JSON true is not an integer
+            raise _Refused
+        return value
+
+    return fast
 
 
 def _fast_plain(name: str, kind: str, required: bool, check: Callable[[Any], Any] | None) -> Getter:
@@ -243,9 +266,8 @@ def _fast_plain(name: str, kind: str, required: bool, check: Callable[[Any], Any
     return fast
 
 
-def _range_check(path: str, bounds: tuple[int, int], message: str, minimum: int | None) -> Callable[[int], int]:
-    low = bounds[0] if minimum is None else max(bounds[0], minimum)
-    high = bounds[1]
+def _range_check(path: str, bounds: tuple[int, int], message: str) -> Callable[[int], int]:
+    low, high = bounds
     refused = f"{path}: {message}"
 
     def check(value: int) -> int:
@@ -302,7 +324,7 @@ def _converted_input(path: str, convert: str, required: bool, buckets: Buckets) 
         # python: module.path:function, the escape hatch (spec.py checked its form).
         function = converters.load_python(convert.removeprefix("python:").strip())  # FieldSpec.python
         return _Input(path, _converted(path, function), required)
-    return _Input(path, _string(path), required, _prefixed(path, check), kind="string")
+    return _Input(path, _string(path), required, _prefixed(path, check), kind="string", bare_check=check)
 
 
 def _integer_input(level: str, column: str, field: FieldSpec) -> _Input:
@@ -314,13 +336,16 @@ def _integer_input(level: str, column: str, field: FieldSpec) -> _Input:
     else:
         bounds, message = converters.BIGINT_RANGE, "out of range"
     minimum = field.minimum
+    if minimum is not None:
+        bounds, message = (max(bounds[0], minimum), bounds[1]), "out of range"
     return _Input(
         path,
         _typed(path, int, "Input should be a valid integer"),
         field.required,
-        _range_check(path, bounds, "out of range" if minimum is not None else message, minimum),
+        _range_check(path, bounds, message),
         range_check=True,
         kind="integer",
+        bounds=bounds,
     )
 
 

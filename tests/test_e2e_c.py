@@ -71,14 +71,17 @@ class Run:
 class Pipeline:
     """medsync's task bodies against one simulator of C, one A database and one S3 server."""
 
-    def __init__(self, dsn: str, dbname: str, sim: CSimulator, endpoint: str, include: Path) -> None:
+    def __init__(
+        self, dsn: str, dbname: str, sim: CSimulator, endpoint: str, include: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         self.dsn, self.sim, self.endpoint, self.include = dsn, sim, endpoint, include
+        self.monkeypatch = monkeypatch
+        """Lasts as long as the module's stack (the env of a worker; a mapping change is for good)."""
         c = SourceWiring(
             "c", sim.base_url, TOKEN, endpoint, bucket=BUCKETS[0], allowed_buckets=BUCKETS[1:], aws_keys=C_KEYS
         )
         self.wiring = Wiring(f"postgresql://postgres@127.0.0.1:5432/{dbname}", (c,), include_dir=include)
         self.runs = 0
-        self.monkeypatch = pytest.MonkeyPatch()
 
     def env(self) -> dict[str, str]:
         return {**connection_env(self.wiring), "MEDSYNC_INCLUDE_DIR": str(self.include)}
@@ -169,8 +172,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> It
         s3_server() as endpoint,
         pytest.MonkeyPatch.context() as mp,
     ):
-        p = Pipeline(dsn, dbname, sim, endpoint, include)
-        p.monkeypatch = mp  # lasts as long as the module's stack (a mapping change is for good)
+        p = Pipeline(dsn, dbname, sim, endpoint, include, mp)
         for name, value in p.env().items():
             mp.setenv(name, value)
         yield p

@@ -1,9 +1,12 @@
-"""`make demo`: a full sync of a simulated service B into A's tables, then an incremental one.
+"""`make demo`: services B and C synced side by side into A's tables, a full sync then an incremental one,
+then a small hospital PACS (Orthanc over DICOMweb) beside them when Orthanc is installable.
 
 What it starts (and stops at the end): a PostgreSQL database for A (``medsync_demo``), the
-simulator of B's API and an S3-compatible server, both on 127.0.0.1, and Airflow in a
-throw-away home (SQLite metadata) that runs the real ``medsync_b`` DAG with
-``airflow dags test``. ``MEDSYNC_DEMO_KEEP=1`` keeps the database to explore afterwards.
+simulators of B's and C's APIs and an S3-compatible server holding B's bucket and C's two, all
+on 127.0.0.1, and Airflow in throw-away homes (SQLite metadata, one per DAG so that the two
+runs can go at the same time) that run the real ``medsync_b`` and ``medsync_c`` DAGs with
+``airflow dags test``, both at once. ``MEDSYNC_DEMO_KEEP=1`` keeps the database to explore
+afterwards.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,20 +30,32 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
 
-from devstack.airflow_env import Wiring, airflow_env, dags_test, include_copy, migrate_metadata  # noqa: E402
+from devstack.airflow_env import (  # noqa: E402
+    SourceWiring,
+    Wiring,
+    airflow_env,
+    dags_test,
+    dags_test_command,
+    include_copy,
+    migrate_metadata,
+)
 from devstack.dicom_gen import generate  # noqa: E402
 from devstack.orthanc import ensure_installed, orthanc_server  # noqa: E402
-from devstack.s3 import put_files, s3_server  # noqa: E402
+from devstack.s3 import put_files, put_objects, s3_server  # noqa: E402
 from medsync.report import format_report  # noqa: E402
 from simulator import BSimulator, SimConfig  # noqa: E402
+from simulator_c import CSimulator, FaultConfig  # noqa: E402
+from simulator_c import SimConfig as CSimConfig  # noqa: E402
 
 ADMIN_DSN = os.environ.get("MEDSYNC_DEMO_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-DB = "medsync_demo"
+DB = os.environ.get("MEDSYNC_DEMO_DB", "medsync_demo")  # another name when several people share one server
 API_KEY = "demo-key-not-secret"
+C_TOKEN = "demo-c-token-not-secret"
 BUCKET = "b-imaging-demo"
+SOURCES = ("b", "c")
+A_BUCKET = "a-imaging-demo"
 AIRFLOW_PAGE_URL = "http://127.0.0.1:8080/plugin/medsync"
 """The medsync page of the local Airflow that ``make airflow`` starts (tests/airflow_stack.py serve)."""
-A_BUCKET = "a-imaging-demo"
 
 
 def step(text: str) -> None:
@@ -65,33 +81,55 @@ def recreate_database() -> str:
     return dsn
 
 
-def run_dag(env: dict[str, str], what: str, **kwargs: Any) -> None:
+def run_dags(envs: dict[str, dict[str, str]], what: str, *, logical_date: str | None = None,
+             conf: dict[str, object] | None = None) -> None:  # fmt: skip
+    """Runs medsync_b and medsync_c at the same time (one ``airflow dags test`` each) and waits for both."""
     started = time.monotonic()
-    result = dags_test(env, **kwargs)
-    if result.returncode != 0:
-        print(result.stdout[-8000:], result.stderr[-4000:], sep="\n")
-        raise SystemExit(f"the {what} run failed (its log is above)")
-    print(f"{what}: DAG run succeeded in {time.monotonic() - started:.0f}s (Airflow start-up included)")
+    procs = {
+        source: subprocess.Popen(
+            dags_test_command(f"medsync_{source}", logical_date=logical_date, conf=conf),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for source, env in envs.items()
+    }
+    failed = []
+    for source, proc in procs.items():
+        out, _ = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            print(out[-8000:])
+            failed.append(source)
+    if failed:
+        raise SystemExit(f"the {what} run of {', '.join(failed)} failed (its log is above)")
+    print(f"{what}: both DAG runs succeeded in {time.monotonic() - started:.0f}s (Airflow start-up included)")
 
 
-def show_report(dsn: str) -> None:
+def show_report(dsn: str, source: str) -> None:
     with psycopg.connect(dsn) as conn:
-        (report,) = conn.execute("SELECT report FROM medsync.sync_run ORDER BY id DESC LIMIT 1").fetchone() or (None,)
+        (report,) = conn.execute(
+            "SELECT report FROM medsync.sync_run WHERE source_system = %s ORDER BY id DESC LIMIT 1", (source,)
+        ).fetchone() or (None,)
     print(format_report(report))
+
+
+def explain_reports() -> None:
     print(
-        "(difference = A's live rows - B's live records now. Held-back records (quarantined), their\n"
-        " children waiting for them (pending) and children of deleted parents explain it.)"
+        "(difference = A's live rows - the source's live records now. Held-back records (quarantined),\n"
+        " their children waiting for them (pending) and children of deleted parents explain it.)"
     )
 
 
 def show_state(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         print("quarantined records (reason only; payloads stay in medsync.quarantine):")
-        for level, key, reason in conn.execute(
-            "SELECT level, source_key, reason FROM (SELECT *, row_number() OVER (PARTITION BY level ORDER BY"
-            " source_key) AS n FROM medsync.quarantine WHERE resolved_at IS NULL) q WHERE n <= 2 ORDER BY 1, 2"
+        for source, level, key, reason in conn.execute(
+            "SELECT source_system, level, source_key, reason FROM (SELECT *, row_number() OVER (PARTITION BY"
+            " source_system, level ORDER BY source_key) AS n FROM medsync.quarantine WHERE resolved_at IS NULL) q"
+            " WHERE n <= 1 ORDER BY 1, 2, 3"
         ):
-            print(f"  {level:<9} {key:<18} {reason[:90]}")
+            print(f"  {source} {level:<9} {key:<36} {reason[:80]}")
         print("a few sequences in A (B's KNEE_LEFT etc. became body_part + laterality):")
         for row in conn.execute(
             "SELECT source_key, modality, body_part, laterality, deleted_at IS NOT NULL FROM imaging.sequence"
@@ -100,11 +138,12 @@ def show_state(dsn: str) -> None:
             print("  {:<18} modality={} body_part={} laterality={} deleted={}".format(*row))
 
 
-def presign_one(dsn: str, env: dict[str, str]) -> None:
+def presign_one(dsn: str, env: dict[str, str], source: str) -> None:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
             "SELECT id, storage_bucket, storage_key FROM imaging.instance"
-            " WHERE source_system = 'b' AND deleted_at IS NULL ORDER BY source_key LIMIT 1"
+            " WHERE source_system = %s AND deleted_at IS NULL ORDER BY source_key LIMIT 1",
+            (source,),
         ).fetchone()
     assert row is not None
     instance_id, bucket, key = row
@@ -116,9 +155,18 @@ def presign_one(dsn: str, env: dict[str, str]) -> None:
         raise SystemExit(f"presigning failed: {out.stderr.strip()}")
     url = out.stdout.strip()
     body = requests.get(url, timeout=30).content
-    print(f"instance {instance_id} -> s3://{bucket}/{key}")
+    print(f"{source}'s instance {instance_id} -> s3://{bucket}/{key}")
     print(f"presigned GET (expires in 5 min): {url[:100]}...")
     print(f"fetched {len(body)} bytes; DICOM marker present: {body[128:132] == b'DICM'}")
+
+
+def run_dag(env: dict[str, str], what: str, **kwargs: Any) -> None:
+    started = time.monotonic()
+    result = dags_test(env, **kwargs)
+    if result.returncode != 0:
+        print(result.stdout[-8000:], result.stderr[-4000:], sep="\n")
+        raise SystemExit(f"the {what} run failed (its log is above)")
+    print(f"{what}: DAG run succeeded in {time.monotonic() - started:.0f}s (Airflow start-up included)")
 
 
 def sync_pacs(env: dict[str, str], dsn: str, endpoint: str, workdir: Path) -> None:
@@ -130,7 +178,6 @@ def sync_pacs(env: dict[str, str], dsn: str, endpoint: str, workdir: Path) -> No
     import boto3
     from botocore.config import Config
 
-    include_copy(workdir / "include", source="pacs", retries=0)
     with orthanc_server() as orthanc:
         stored = orthanc.stow(generate(seed=2026, patients=10))
         orthanc.wait_until_stable()
@@ -149,7 +196,7 @@ def sync_pacs(env: dict[str, str], dsn: str, endpoint: str, workdir: Path) -> No
         }
         step("run 3: medsync_pacs with full_refresh=true (QIDO-RS listings, files copied from WADO-RS into A's bucket)")
         run_dag(pacs_env, "PACS full refresh", dag_id="medsync_pacs", conf={"full_refresh": True})
-        show_report(dsn)
+        show_report(dsn, "pacs")
         with psycopg.connect(dsn) as conn:
             rows = conn.execute(
                 "SELECT source_system, count(*) FILTER (WHERE deleted_at IS NULL) FROM imaging.instance GROUP BY 1"
@@ -157,59 +204,93 @@ def sync_pacs(env: dict[str, str], dsn: str, endpoint: str, workdir: Path) -> No
         print("live instances in A per source:", dict(rows))
 
 
+def airflow_homes(workdir: Path, wiring: Wiring) -> dict[str, dict[str, str]]:
+    """One Airflow home per DAG (SQLite takes one writer at a time), each knowing every connection."""
+    envs = {source: airflow_env(workdir / f"airflow_{source}", wiring) for source in SOURCES}
+    with ThreadPoolExecutor(len(envs)) as pool:
+        list(pool.map(migrate_metadata, envs.values()))
+    return envs
+
+
+def where_to_look(keep: bool) -> None:
+    step("done")
+    print("The report of every run is in medsync.sync_run.report; A's rows are in imaging.*.")
+    print(
+        "To look at runs, quarantine and pending records in the Airflow UI: `make airflow`, then open\n"
+        f"{AIRFLOW_PAGE_URL} (user admin, password admin; the medsync entry of the navigation)."
+    )
+    if keep:
+        print(f"Database kept: psql -h 127.0.0.1 -U postgres {DB}")
+
+
 def main() -> None:
     now = datetime.now(UTC)
     tick = last_tick(now)
+    base_time = (tick - timedelta(hours=6)).isoformat()
     config = SimConfig(
         seed=2026, patients=40, studies_per_patient=3, series_per_study=3, images_per_series=8,
-        clock="manual", base_time=(tick - timedelta(hours=6)).isoformat(),
-        unknown_enum_fraction=0.01, invalid_fraction=0.005,
+        clock="manual", base_time=base_time, unknown_enum_fraction=0.01, invalid_fraction=0.005,
+    )  # fmt: skip
+    c_config = CSimConfig(
+        seed=2026, participants=20, visits_per_participant=2, acquisitions_per_visit=2, files_per_acquisition=4,
+        clock="manual", base_time=base_time, history_seconds=20 * 86400, invalid_fraction=0.01,
+        deleted_fraction=0.01, late_parent_fraction=0.05,
     )  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="medsync-demo-"))
     keep = os.environ.get("MEDSYNC_DEMO_KEEP") == "1"
     try:
         step(f"service A's database: {DB} on 127.0.0.1:5432 with A's tables")
         dsn = recreate_database()
-        with BSimulator(config, api_key=API_KEY) as sim, s3_server() as endpoint:
+        with (
+            BSimulator(config, api_key=API_KEY) as sim,
+            CSimulator(c_config, token=C_TOKEN, faults=FaultConfig()) as csim,  # C's 10 requests/s limit on
+            s3_server() as endpoint,
+        ):
             sim.set_faults(rate_limit_per_second=20)  # as B's real API
-            counts = sim.counts()
-            step(f"simulated B at {sim.base_url}: {counts}")
+            step(f"simulated B at {sim.base_url}: {sim.counts()}")
+            c_counts = {k: v for k, v in csim.counts().items() if k != "as_of"}
+            step(f"simulated C at {csim.base_url}: {c_counts}")
             put_files(endpoint, BUCKET, sim.iter_files())
             print(f"B's image files are in s3://{BUCKET} on {endpoint}")
-            wiring = Wiring(f"postgresql://postgres@127.0.0.1:5432/{DB}", sim.base_url, API_KEY, endpoint, BUCKET,
-                            include_dir=include_copy(workdir / "include", retries=0))  # fmt: skip
-            env = airflow_env(workdir / "airflow", wiring)
-            step("Airflow: a throw-away home with a SQLite metadata database")
-            migrate_metadata(env)
+            print(f"C's files: {put_objects(endpoint, csim.iter_files())} objects per bucket")
+            include = include_copy(workdir / "include", (*SOURCES, "pacs"), retries=0)
+            wiring = Wiring(
+                f"postgresql://postgres@127.0.0.1:5432/{DB}",
+                (SourceWiring("b", sim.base_url, API_KEY, endpoint, bucket=BUCKET),
+                 SourceWiring("c", csim.base_url, C_TOKEN, endpoint)),
+                include_dir=include,
+            )  # fmt: skip
+            step("Airflow: throw-away homes with SQLite metadata databases (one per DAG)")
+            envs = airflow_homes(workdir, wiring)
 
-            step("run 1: medsync_b with full_refresh=true (the first load)")
-            run_dag(env, "full refresh", conf={"full_refresh": True})
-            show_report(dsn)
+            step("run 1: medsync_b and medsync_c at the same time, with full_refresh=true (the first load)")
+            run_dags(envs, "full refresh", conf={"full_refresh": True})
+            for source in SOURCES:
+                show_report(dsn, source)
+            explain_reports()
             show_state(dsn)
 
-            step(f"B changes things at {(tick - timedelta(hours=1)).isoformat()}: updates, deletes, new records")
+            step(f"B and C change things at {(tick - timedelta(hours=1)).isoformat()}: updates, deletes, new records")
             sim.set_now(tick - timedelta(hours=1))
-            changed = sim.mutate_fraction(0.03, seed=11)
-            print({kind: sum(v.values()) for kind, v in changed.items()})
+            csim.set_now(tick - timedelta(hours=1))
+            for name, source_sim in (("B", sim), ("C", csim)):
+                changed = source_sim.mutate_fraction(0.03, seed=11)
+                print(name, {kind: sum(v.values()) for kind, v in changed.items()})
             put_files(endpoint, BUCKET, sim.iter_files())
+            put_objects(endpoint, csim.iter_files())
 
-            step(f"run 2: medsync_b for the 12 hours until {tick.isoformat()} (an incremental window)")
-            run_dag(env, "incremental", logical_date=now.isoformat())
-            show_report(dsn)
+            step(f"run 2: both DAGs for the 12 hours until {tick.isoformat()} (an incremental window)")
+            run_dags(envs, "incremental", logical_date=now.isoformat())
+            for source in SOURCES:
+                show_report(dsn, source)
 
-            step("a presigned URL for one synced instance, from the command line (medsync.presign_cli)")
-            presign_one(dsn, env)
+            step("presigned URLs for one synced instance of each source, from the command line (medsync.presign_cli)")
+            for source in SOURCES:
+                presign_one(dsn, envs[source], source)
 
-            step("a hospital PACS beside B: Orthanc over DICOMweb")
-            sync_pacs(env, dsn, endpoint, workdir)
-        step("done")
-        print("The report of every run is in medsync.sync_run.report; A's rows are in imaging.*.")
-        print(
-            "To look at runs, quarantine and pending records in the Airflow UI: `make airflow`, then open\n"
-            f"{AIRFLOW_PAGE_URL} (user admin, password admin; the medsync entry of the navigation)."
-        )
-        if keep:
-            print(f"Database kept: psql -h 127.0.0.1 -U postgres {DB}")
+            step("a hospital PACS beside B and C: Orthanc over DICOMweb")
+            sync_pacs(envs["b"], dsn, endpoint, workdir)
+        where_to_look(keep)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         if not keep:

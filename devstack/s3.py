@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -56,13 +57,22 @@ def put_files(endpoint: str, bucket: str, files: Iterable[tuple[str, bytes]]) ->
     return count
 
 
+# S3's bucket naming rules (lower-case letters, digits, '.', '-'; 3-63 characters).
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 def put_objects(endpoint: str, objects: Iterable[tuple[tuple[str, str], bytes]]) -> dict[str, int]:
     """Puts every ((bucket, key), bytes), creating each bucket on first use; returns how many
     objects per bucket. For sources that spread files over several buckets, such as C
-    (``simulator_c``'s ``iter_files()`` yields exactly this shape)."""
+    (``simulator_c``'s ``iter_files()`` yields exactly this shape).
+
+    A record may name a bucket no S3 can have (C's defect ``bucket_not_allowed`` can be
+    ``"c-archive-eu-1 "``): such objects cannot exist, and are left out."""
     client = _client(endpoint)
     counts: dict[str, int] = {}
     for (bucket, key), body in objects:
+        if not _BUCKET_NAME.fullmatch(bucket):
+            continue
         if bucket not in counts:
             _ensure_bucket(client, bucket)
             counts[bucket] = 0

@@ -1,4 +1,4 @@
-"""`python -m medsync.check_source`: a source checked without syncing, against the simulator of B."""
+"""`python -m medsync.check_source`: a source checked without syncing, against the simulators of B and C."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 
 from medsync import check_source
 from simulator import BSimulator, SimConfig
+from simulator_c import CSimulator, FaultConfig
+from simulator_c import SimConfig as CSimConfig
 
 KEY = "check-source-key"
 
@@ -50,3 +52,43 @@ def test_one_page_of_each_level_is_parsed_and_held_back_records_say_why(b_api: B
 def test_a_bad_source_name_is_refused_with_exit_status_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_source.main(["no_such_source"]) == 1
     assert "no source config" in capsys.readouterr().err
+
+
+C_TOKEN = "check-source-c-token"
+
+
+@pytest.fixture
+def c_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[CSimulator]:
+    config = CSimConfig(
+        seed=4, participants=6, clock="manual", invalid_fraction=0.0, deleted_fraction=0.1,
+        defects={"participants:2": "empty_mrn", "files:3": "bucket_not_allowed", "acquisitions:1": "unknown_side"},
+    )  # fmt: skip
+    with CSimulator(config, token=C_TOKEN, faults=FaultConfig(rate_limit=None)) as sim:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MEDSYNC_C_API", json.dumps({"conn_type": "http", "host": sim.base_url, "password": C_TOKEN})
+        )
+        yield sim
+
+
+def test_c_against_its_simulator_held_back_records_say_why_and_no_phi_is_printed(c_api: CSimulator) -> None:
+    out = io.StringIO()
+    # The default look-back (a century) reaches before 1970: C refuses negative epoch bounds, so the
+    # check must start no earlier than the epoch, as a full refresh does.
+    ok = check_source.check("c", fetch=True, days=36500, out=out)
+    text = out.getvalue()
+    assert not ok
+    assert "config c.yaml and mapping c.yaml are valid" in text
+    assert "instance: deletions feed, parent by source_key" in text
+    assert "held back x1: required field missing or empty: identifiers.mrn" in text
+    assert "held back x1: object.bucket: is not one of the buckets allowed for this source" in text
+    assert "held back x1: side: unknown value" in text
+    counts = c_api.counts()
+    assert f"subject {counts['participants']}, study {counts['visits']}" in text
+    assert f"instance {counts['files']}" in text
+    for participant in c_api.live_records("participants"):
+        family, _, given = (participant.get("display_name") or "").partition(",")
+        for value in (participant["identifiers"].get("mrn"), participant.get("dob"), family.strip(), given.strip()):
+            if value and len(value) >= 4:
+                assert str(value) not in text
+    for visit in c_api.live_records("visits"):
+        assert visit["study_instance_uid"] not in text

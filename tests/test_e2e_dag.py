@@ -37,7 +37,7 @@ class Stack:
     def __init__(self, tmp: Path, dsn: str, dbname: str, sim: BSimulator, endpoint: str) -> None:
         self.dsn, self.sim, self.tmp, self.endpoint = dsn, sim, tmp, endpoint
         self.include = include_copy(tmp / "include", retries=0, page_size=7, merge_batch_size=13)
-        wiring = Wiring(f"postgresql://postgres@127.0.0.1:5432/{dbname}", sim.base_url, API_KEY, endpoint, BUCKET,
+        wiring = Wiring.b(f"postgresql://postgres@127.0.0.1:5432/{dbname}", sim.base_url, API_KEY, endpoint, BUCKET,
                         include_dir=self.include)  # fmt: skip
         self.env = airflow_env(tmp / "airflow", wiring)
         migrate_metadata(self.env)

@@ -32,6 +32,7 @@ from medsync.levels import spec, staged_columns
 from medsync.mapping import Mapping, load_mapping
 from medsync.sources import open_source
 from medsync.sources.base import Buckets, RecordRejected, Source
+from medsync.windows import BEGINNING
 
 
 @dataclass
@@ -120,7 +121,9 @@ def check(name: str, *, fetch: bool, days: int, out: TextIO = sys.stdout) -> boo
     if not fetch:
         return True
     ok = True
-    since = datetime.now(UTC) - timedelta(days=days)
+    # Never before 1970, as a full refresh (medsync.windows.BEGINNING): sources with epoch
+    # bounds refuse negative ones (C: "minimum: 0"), and no record is older.
+    since = max(datetime.now(UTC) - timedelta(days=days), BEGINNING)
     out.write(f"first page of each level changed since {since:%Y-%m-%d %H:%M} UTC (nothing is written):" + "\n")
     for level in LEVELS:
         sample = sample_level(source, mapping, buckets, level, since)

@@ -253,18 +253,18 @@ def test_allowed_buckets_without_any_variable_configured() -> None:
 def test_include_dir_override_finds_a_second_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     include = tmp_path / "include"
     shutil.copytree(INCLUDE, include)
-    _write(include / "sources", "c", {**_b_raw(), "name": "c", "mapping_file": None})
-    shutil.copy(INCLUDE / "mappings" / "b.yaml", include / "mappings" / "c.yaml")
+    _write(include / "sources", "d", {**_b_raw(), "name": "d", "mapping_file": None})
+    shutil.copy(INCLUDE / "mappings" / "b.yaml", include / "mappings" / "d.yaml")
     monkeypatch.setenv("MEDSYNC_INCLUDE_DIR", str(include))
 
     configs = load_source_configs()
 
     assert include_dir() == include
     repo_sources = sorted(p.stem for p in (INCLUDE / "sources").glob("*.yaml"))
-    assert [c.name for c in configs] == sorted([*repo_sources, "c"])
-    c = next(c for c in configs if c.name == "c")
-    assert c.dag_id == "medsync_c"
-    assert c.mapping_path == include / "mappings" / "c.yaml"
+    assert [c.name for c in configs] == sorted([*repo_sources, "d"])
+    c = next(c for c in configs if c.name == "d")
+    assert c.dag_id == "medsync_d"
+    assert c.mapping_path == include / "mappings" / "d.yaml"
     assert c.mapping_path.is_file()
 
 

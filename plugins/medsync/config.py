@@ -17,11 +17,11 @@ import re
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medsync.errors import ConfigError
 
@@ -37,13 +37,25 @@ def include_dir() -> Path:
     return Path(os.environ.get("MEDSYNC_INCLUDE_DIR", _PROJECT_ROOT / "include"))
 
 
+def _iana_time_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA time zone") from None
+    return value
+
+
+IanaTimeZone = Annotated[str, AfterValidator(_iana_time_zone)]
+"""A time zone name of the IANA database (``Asia/Seoul``), checked when a config is read."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ScheduleConfig(_Strict):
     cron: str = "0 0,12 * * *"
-    timezone: str = "Asia/Seoul"
+    timezone: IanaTimeZone = "Asia/Seoul"
     start_date: date = date(2026, 1, 1)
 
     @field_validator("cron")
@@ -53,15 +65,6 @@ class ScheduleConfig(_Strict):
 
         if not croniter.is_valid(value):
             raise ValueError(f"{value!r} is not a cron expression")
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone_exists(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not an IANA time zone") from None
         return value
 
 

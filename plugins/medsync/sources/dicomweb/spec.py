@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from medsync.config import IanaTimeZone
 
 
 class ChangeFeed(StrEnum):
@@ -29,7 +30,7 @@ class DicomwebApi(BaseModel):
 
     qido_path: str = "/dicom-web"
     """Path of the DICOMweb root under the connection's base URL (QIDO-RS and WADO-RS)."""
-    timezone: str = "Asia/Seoul"
+    timezone: IanaTimeZone = "Asia/Seoul"
     """The PACS's local time zone: a study date and time without TimezoneOffsetFromUTC is read in it."""
     changes: ChangeFeed = ChangeFeed.NONE
     orthanc_path: str = ""
@@ -45,15 +46,6 @@ class DicomwebApi(BaseModel):
     """Files larger than this go to S3 in parts of this size."""
     change_batch: int = Field(default=1000, ge=1, le=10000)
     """Changes read per ``/changes`` request."""
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone_exists(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not an IANA time zone") from None
-        return value
 
     @field_validator("qido_path", "orthanc_path")
     @classmethod

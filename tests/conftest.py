@@ -16,10 +16,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 # A private Orthanc for the PACS source's tests (started only by the tests that ask for it).
-from pacs_fixtures import loaded_pacs, orthanc  # noqa: F401
-from psycopg import sql
+from tests.pacs_fixtures import loaded_pacs, orthanc  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 A_SCHEMA = ROOT / "include" / "sql" / "a_schema.sql"

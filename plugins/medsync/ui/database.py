@@ -30,12 +30,15 @@ class ReadOnlyADatabaseHook(ADatabaseHook):
     hook_name = "medsync: service A database, read-only (UI)"
 
     def __init__(self, postgres_conn_id: str = ADatabaseHook.default_conn_name, **kwargs: Any) -> None:
-        options = f"-c default_transaction_read_only=on -c statement_timeout={STATEMENT_TIMEOUT_MS}"
-        super().__init__(postgres_conn_id=postgres_conn_id, options=options, **kwargs)
-
-    def _create_connection(self, conn_args: dict[str, Any]) -> Any:
-        conn_args.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
-        return super()._create_connection(conn_args)
+        options = "-c default_transaction_read_only=on"
+        super().__init__(
+            postgres_conn_id=postgres_conn_id,
+            options=options,
+            connect_timeout_seconds=CONNECT_TIMEOUT_SECONDS,
+            # ADatabaseHook sets it per session; whole seconds, at least one.
+            statement_timeout_seconds=max(1, STATEMENT_TIMEOUT_MS // 1000),
+            **kwargs,
+        )
 
     def get_conn(self) -> psycopg.Connection:
         conn = super().get_conn()

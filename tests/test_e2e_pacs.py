@@ -50,7 +50,7 @@ class Stack:
             tmp / "include", source="pacs", retries=0, lookback_minutes=0, page_size=53, schedule=every_minute
         )
         self.runs = 0
-        wiring = Wiring(f"postgresql://postgres@127.0.0.1:5432/{dbname}", "http://127.0.0.1:9", "unused", endpoint,
+        wiring = Wiring.b(f"postgresql://postgres@127.0.0.1:5432/{dbname}", "http://127.0.0.1:9", "unused", endpoint,
                         "b-unused", include_dir=self.include)  # fmt: skip
         self.env = airflow_env(tmp / "airflow", wiring)
         self.env.update(

@@ -39,7 +39,7 @@ class Stack:
         migrate_metadata(self.env)
 
     def env_for(self, api_key: str) -> dict[str, str]:
-        wiring = Wiring(f"postgresql://postgres@127.0.0.1:5432/{self.dbname}", self.sim.base_url, api_key,
+        wiring = Wiring.b(f"postgresql://postgres@127.0.0.1:5432/{self.dbname}", self.sim.base_url, api_key,
                         "http://127.0.0.1:9", "b-imaging-dev", include_dir=self.include)  # fmt: skip
         env = airflow_env(self.home, wiring)
         env.update(alert_connections(*self.ports))

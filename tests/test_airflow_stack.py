@@ -801,7 +801,9 @@ def test_medsync_b_ends_the_same_under_celery(e2e: E2EOutcome) -> None:
     assert e2e.jobs["medsync_b"].hostnames() == {"worker1", "worker2"}
     local = local_outcome().jobs["medsync_b"]
     local.ok()
-    assert e2e.jobs["medsync_b"].snapshots == local.snapshots
+    # The scenario's steps; the on-call checks after them run under the LocalExecutor only.
+    steps = {k: v for k, v in local.snapshots.items() if k != "after"}
+    assert e2e.jobs["medsync_b"].snapshots == steps
 
 
 # --- on call: repairs from the trigger form, A's assets ---------------------------------------------------

@@ -235,6 +235,8 @@ class SourceConfig(_Strict):
     """Database sessions a merge applies its batches over, in parallel (each one a backend of A's database)."""
     instance_slices: int = Field(default=1, ge=1, le=32)
     """The instance pull is split into this many parallel tasks, each a time slice of the window."""
+    merge_while_pulling: bool = True
+    """A first load of the instances is merged chunk by chunk while it is pulled (``medsync.early_merge``)."""
     lock_timeout_seconds: int = Field(default=1800, ge=1)
     """How long a merge waits for another run of the same source to finish merging."""
     retries: int = Field(default=3, ge=0)

@@ -115,6 +115,14 @@ def record_merge(conn: psycopg.Connection, run_id: int, level: str, counts: dict
     )
 
 
+def level_merged(conn: psycopg.Connection, run_id: int, level: str) -> bool:
+    """Whether the run's merge of ``level`` is done (a level the run does not sync counts as done)."""
+    row = conn.execute(
+        "SELECT merge_counts IS NOT NULL FROM medsync.sync_run_level WHERE run_id = %s AND level = %s", (run_id, level)
+    ).fetchone()
+    return row is None or bool(row[0])
+
+
 def add_to_report(conn: psycopg.Connection, run_id: int, part: dict[str, Any]) -> dict[str, Any]:
     """Merges ``part`` into the run's report (top-level keys) and returns the whole report."""
     row = conn.execute(

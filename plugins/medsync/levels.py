@@ -119,4 +119,4 @@ def staged_columns(level: str) -> tuple[str, ...]:
     return (("parent_key",) if s.parent_level else ()) + s.column_names
 
 
-STAGE_FIXED_COLUMNS: tuple[str, ...] = ("source_key", "source_updated_at", "deleted", "new_id", "slice")
+STAGE_FIXED_COLUMNS: tuple[str, ...] = ("source_key", "source_updated_at", "deleted", "new_id", "slice", "chunk")

@@ -24,6 +24,21 @@ def source_lock_key(source: str) -> int:
 
 
 @contextmanager
+def source_lock_if_free(conn: psycopg.Connection, source: str) -> Iterator[bool]:
+    """Holds the source's lock for the block if no other session holds it now; yields whether it does.
+
+    For work that can as well be done later by someone else (merging while pulling): it never waits.
+    """
+    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (MEDSYNC_LOCK_CLASS, source_lock_key(source))).fetchone()
+    held = row == (True,)
+    try:
+        yield held
+    finally:
+        if held:
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (MEDSYNC_LOCK_CLASS, source_lock_key(source)))
+
+
+@contextmanager
 def source_lock(conn: psycopg.Connection, source: str, lock_timeout_seconds: int) -> Iterator[None]:
     """Holds the source's lock for the block, waiting up to ``lock_timeout_seconds`` for it.
 

@@ -81,30 +81,60 @@ class MergeCounts:
     """From the start to the first batch: mostly building the work table (dedupe, parents, batches)."""
     write_seconds: float = 0.0
     """Inserting and updating A's rows of the level, summed over sessions (the bulk of a large merge)."""
+    early_chunks: int = 0
+    """Staging chunks merged while the level was still pulled (``medsync.early_merge``), included above."""
+    early_candidates: int = 0
+    early_seconds: float = 0.0
+    """What merging those chunks took, in the pull tasks (beside their pulling)."""
     cascaded: dict[str, Counter[str]] = field(default_factory=dict)
+
+    _ADDED = ("inserted", "updated", "unchanged", "stale", "deleted", "undeleted", "pending", "tombstones_only",
+              "quarantine_resolved", "batches", "first_load_batches", "write_seconds")  # fmt: skip
 
     def add(self, other: MergeCounts) -> None:
         """Adds another session's figures of the same merge (candidates and seconds are the merge's own)."""
-        for name in ("inserted", "updated", "unchanged", "stale", "deleted", "undeleted", "pending", "tombstones_only",
-                     "quarantine_resolved", "batches", "first_load_batches", "write_seconds"):  # fmt: skip
+        for name in self._ADDED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for level, c in other.cascaded.items():
             self.cascaded.setdefault(level, Counter()).update(c)
 
+    def add_early(self, chunk: dict[str, Any]) -> None:
+        """Adds the figures of a chunk merged early (``as_dict`` of its merge) to the level's."""
+        for name in self._ADDED:
+            setattr(self, name, getattr(self, name) + chunk[name])
+        self.candidates += chunk["candidates"]
+        self.early_chunks += 1
+        self.early_candidates += chunk["candidates"]
+        self.early_seconds += chunk["seconds"]
+        for level, c in chunk["cascaded"].items():
+            self.cascaded.setdefault(level, Counter()).update(c)
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "cascaded"}
-        for name in ("seconds", "build_seconds", "write_seconds"):
+        for name in ("seconds", "build_seconds", "write_seconds", "early_seconds"):
             out[name] = round(getattr(self, name), 6)  # a small level's writes take well under a millisecond
         out["cascaded"] = {level: dict(c) for level, c in self.cascaded.items()}
         return out
 
 
 class _Sql:
-    """The statements of one level's merge, composed once with quoted identifiers."""
+    """The statements of one level's merge, composed once with quoted identifiers.
 
-    def __init__(self, s: LevelSpec, stage: sql.Identifier, work: sql.Identifier, parent_lookup: str) -> None:
+    ``staged_rows`` is the relation of staged rows the merge takes (the staging table, or a
+    subquery of some of its chunks, aliased); ``with_pending``: the level's pending records join them.
+    """
+
+    def __init__(
+        self,
+        s: LevelSpec,
+        staged_rows: sql.Composable,
+        work: sql.Identifier,
+        parent_lookup: str,
+        *,
+        with_pending: bool = True,
+    ) -> None:
         self.s = s
-        self.stage, self.work = stage, work
+        self.staged_rows, self.work, self.with_pending = staged_rows, work, with_pending
         cols = s.column_names
         self.table = _I(A_SCHEMA, s.table)
         staged = ("source_key", "source_updated_at", "deleted", "new_id", *staged_columns(s.level))
@@ -112,7 +142,7 @@ class _Sql:
         self.pending = pending = _I(SCHEMA, f"pending_{s.level}")
 
         pending_part: Query = sql.SQL("")
-        if s.parent_level:
+        if s.parent_level and with_pending:
             pending_part = sql.SQL("UNION ALL SELECT {cols}, true FROM {pending} WHERE source_system = %(src)s").format(
                 cols=staged_list, pending=pending
             )
@@ -124,17 +154,22 @@ class _Sql:
             SELECT x.*, ((row_number() OVER (ORDER BY x.source_key)) - 1) / %(batch)s AS batch
             FROM (
                 SELECT DISTINCT ON (source_key) *
-                FROM (SELECT {cols}, false AS from_pending FROM {stage} {pending_part}) u
+                FROM (SELECT {cols}, false AS from_pending FROM {staged} {pending_part}) u
                 ORDER BY source_key, source_updated_at DESC, deleted DESC, from_pending
             ) x
             """
-        ).format(cols=staged_list, stage=stage, pending_part=pending_part)
+        ).format(cols=staged_list, staged=staged_rows, pending_part=pending_part)
         if s.parent_level:
             parent = spec(s.parent_level)
             lookup = _I(parent_lookup)
             # Prefer the live parent when several rows share the lookup value (B's series_uid is
             # unique among live series only), then the newest. The keys come from the narrow
             # scans of staging and pending, not from the deduplicated rows (a second pass over them).
+            pending_parents: Query = sql.SQL("")
+            if with_pending:
+                pending_parents = sql.SQL("UNION SELECT parent_key FROM {} WHERE source_system = %(src)s").format(
+                    pending
+                )
             self.build_work = sql.SQL(
                 """
                 CREATE UNLOGGED TABLE {work} AS
@@ -144,14 +179,17 @@ class _Sql:
                     SELECT DISTINCT ON (p.{lookup}) p.{lookup} AS parent_key, p.id, p.deleted_at
                     FROM {ptable} p
                     WHERE p.source_system = %(src)s
-                      AND p.{lookup} IN (
-                          SELECT parent_key FROM {stage} WHERE NOT deleted
-                          UNION SELECT parent_key FROM {pending} WHERE source_system = %(src)s)
+                      AND p.{lookup} IN (SELECT parent_key FROM {staged} WHERE NOT deleted {pending_parents})
                     ORDER BY p.{lookup}, (p.deleted_at IS NULL) DESC, p.source_updated_at DESC
                 ) par ON par.parent_key = d.parent_key
                 """
             ).format(
-                work=work, dedup=dedup, lookup=lookup, ptable=_I(A_SCHEMA, parent.table), stage=stage, pending=pending
+                work=work,
+                dedup=dedup,
+                lookup=lookup,
+                ptable=_I(A_SCHEMA, parent.table),
+                staged=staged_rows,
+                pending_parents=pending_parents,
             )
             parent_cols: Query = sql.SQL("a.{fk} AS a_parent_id").format(fk=_I(s.parent_fk or ""))
         else:
@@ -421,15 +459,52 @@ def _cascade(conn: psycopg.Connection, source: str, level: str, counts: MergeCou
     conn.execute("TRUNCATE merge_flipped")
 
 
-def work_table(source: str, level: str, run_id: int) -> sql.Identifier:
-    """The merge's scratch table in medsync's schema: the records to decide, with their parents, in batches."""
-    return _I(SCHEMA, f"merge_{source}_{level}_r{run_id}")
+def work_table(source: str, level: str, run_id: int, *, early: bool = False) -> sql.Identifier:
+    """The merge's scratch table in medsync's schema: the records to decide, with their parents, in batches.
+
+    ``early``: the table of a chunk merged while the level is still pulled (one at a time per
+    source: they hold the source lock).
+    """
+    return _I(SCHEMA, f"merge_{source}_{level}_r{run_id}{'_early' if early else ''}")
 
 
 def drop_work_tables(conn: psycopg.Connection, source: str, run_id: int) -> None:
     """Drops what a merge of the run left behind (it drops its own tables unless its process died)."""
     for level in SPECS:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(work_table(source, level, run_id)))
+        for early in (False, True):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(work_table(source, level, run_id, early=early)))
+
+
+def forget_merged_chunks(conn: psycopg.Connection, run_id: int, level: str, slice_index: int) -> None:
+    """Forgets which chunks of a slice were merged early: a re-run of its pull numbers them anew.
+
+    Their rows stay in A (the merge task decides the re-pulled rows against them, as always).
+    """
+    conn.execute(
+        "DELETE FROM medsync.early_merge_chunk WHERE run_id = %s AND level = %s AND slice = %s",
+        (run_id, level, slice_index),
+    )
+
+
+def _merged_early(conn: psycopg.Connection, run_id: int, level: str) -> list[dict[str, Any]]:
+    """The counts of the level's chunks merged while it was pulled, in this run."""
+    rows = conn.execute(
+        "SELECT counts FROM medsync.early_merge_chunk WHERE run_id = %s AND level = %s ORDER BY slice, chunk",
+        (run_id, level),
+    ).fetchall()
+    return [dict(row[0]) for row in rows]
+
+
+def _staged_rows(stage: sql.Identifier, *, chunk: tuple[int, int] | None, leave_out_merged: bool) -> sql.Composable:
+    """The relation of staged rows a merge takes: all, one chunk, or all but the chunks merged early."""
+    if chunk is not None:
+        return sql.SQL("(SELECT * FROM {} WHERE slice = %(slice)s AND chunk = %(chunk)s) staged").format(stage)
+    if leave_out_merged:
+        return sql.SQL(
+            "(SELECT * FROM {} s WHERE NOT EXISTS (SELECT 1 FROM medsync.early_merge_chunk m"
+            " WHERE m.run_id = %(run)s AND m.level = %(level)s AND m.slice = s.slice AND m.chunk = s.chunk)) staged"
+        ).format(stage)
+    return stage
 
 
 def merge_level(
@@ -444,8 +519,14 @@ def merge_level(
     connect: Callable[[], psycopg.Connection] | None = None,
     parent_lookup: str = "source_key",
     child_lookup: str = "source_key",
+    chunk: tuple[int, int] | None = None,
 ) -> MergeCounts:
     """Merges this run's staging table (and the level's pending records) into A.
+
+    ``chunk`` (slice, chunk number): merge only that committed chunk of the staging table, while
+    the level is still pulled (``medsync.early_merge``), without the pending records; the chunk
+    is then recorded as merged with its counts. Without it, the merge leaves out the chunks
+    merged early and adds their counts to its own.
 
     ``parent_lookup`` is the column of the parent's table that a staged ``parent_key`` matches
     (the source's ``ParentLink``: ``source_key``, or a UID column such as ``series_uid``).
@@ -470,20 +551,30 @@ def merge_level(
             f"staging table for {source}/{level} of run {run_id} is missing "
             "(the database restarted, or the pull did not run): clear the pull task to re-run it"
         )
-    work = work_table(source, level, run_id)
+    work = work_table(source, level, run_id, early=chunk is not None)
     if parent_lookup not in ("source_key", *(spec(s.parent_level).column_names if s.parent_level else ())):
         raise MergeError(f"{level}: parents cannot be looked up by {parent_lookup!r}")
     if child_lookup not in ("source_key", *(s.column_names if s.child_level else ())):
         raise MergeError(f"{level}: its children cannot look it up by {child_lookup!r}")
-    q = _Sql(s, stage, work, parent_lookup)
     params: dict[str, Any] = {"src": source, "level": level, "run": run_id}
+    if chunk is not None:
+        params.update(slice=chunk[0], chunk=chunk[1])
     counts = MergeCounts()
     with source_lock(conn, source, lock_timeout_seconds):
+        early = _merged_early(conn, run_id, level) if chunk is None else []
+        q = _Sql(
+            s, _staged_rows(stage, chunk=chunk, leave_out_merged=bool(early)), work, parent_lookup,
+            with_pending=chunk is None,
+        )  # fmt: skip
         try:
             batches = _build_work(conn, q, params, _rows_per_batch(conn, q, params, batch_size, sessions), counts)
             counts.build_seconds = time.monotonic() - started
             more = [connect] * (min(sessions, batches) - 1) if connect is not None else []
             _run_batches(conn, q, params, more=more, batches=batches, counts=counts)
+            if chunk is not None:
+                counts.seconds = time.monotonic() - started
+                _record_merged_chunk(conn, run_id, level, chunk, counts)
+                return counts
             if child_lookup != "source_key" and batches:
                 # After every batch committed: a UID's old and new rows may sit in batches of
                 # different sessions, and neither session sees the other's row before it commits.
@@ -493,6 +584,8 @@ def merge_level(
                 counts.quarantine_resolved += _resolve_superseded_quarantine(conn, s, params)
         finally:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(work))
+    for figures in early:
+        counts.add_early(figures)
     counts.seconds = time.monotonic() - started
     log.info(
         "merged %s: %d candidates in %d batches (%d sessions): %d inserted, %d updated (%d deleted, %d undeleted), "
@@ -505,6 +598,20 @@ def merge_level(
     return counts
 
 
+def _record_merged_chunk(
+    conn: psycopg.Connection, run_id: int, level: str, chunk: tuple[int, int], counts: MergeCounts
+) -> None:
+    """Records a chunk as merged, with its counts (after its batches committed: a chunk whose merge
+    died before this is simply merged again by the merge task, which converges)."""
+    from psycopg.types.json import Jsonb
+
+    conn.execute(
+        "INSERT INTO medsync.early_merge_chunk (run_id, level, slice, chunk, counts) VALUES (%s, %s, %s, %s, %s)"
+        " ON CONFLICT (run_id, level, slice, chunk) DO UPDATE SET counts = excluded.counts, merged_at = now()",
+        (run_id, level, chunk[0], chunk[1], Jsonb(counts.as_dict())),
+    )
+
+
 def _rows_per_batch(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], batch_size: int, sessions: int) -> int:
     """``batch_size``, or less so that a merge of a few batches' worth still keeps every session busy.
 
@@ -514,9 +621,9 @@ def _rows_per_batch(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], b
     if sessions <= 1:
         return batch_size
     pending: Query = sql.SQL("")
-    if q.s.parent_level:
+    if q.s.parent_level and q.with_pending:
         pending = sql.SQL(" + (SELECT count(*) FROM {} WHERE source_system = %(src)s)").format(q.pending)
-    row = conn.execute(sql.SQL("SELECT (SELECT count(*) FROM {}){}").format(q.stage, pending), params).fetchone()
+    row = conn.execute(sql.SQL("SELECT (SELECT count(*) FROM {}){}").format(q.staged_rows, pending), params).fetchone()
     records = int(row[0]) if row else 0
     return min(batch_size, max(MIN_SHARED_BATCH, -(-records // sessions)))
 
@@ -555,7 +662,7 @@ def _run_batches(
     re-run decides against A's current rows and converges) and the first error is raised.
     """
     pending_rows = q.s.parent_level is not None and _has_pending_rows(conn, q, params["src"])
-    first_load = _holds_nothing_of_the_source(conn, q, params)
+    first_load = holds_nothing_of_the_source(conn, params["src"], q.s.level)
     todo = iter(range(batches))
     take = threading.Lock()
     stop = threading.Event()
@@ -796,14 +903,14 @@ def _write_rows(conn: psycopg.Connection, q: _BatchSql, params: dict[str, Any], 
     return time.monotonic() - started
 
 
-def _holds_nothing_of_the_source(conn: psycopg.Connection, q: _Sql, params: dict[str, Any]) -> bool:
+def holds_nothing_of_the_source(conn: psycopg.Connection, source: str, level: str) -> bool:
     """No row of the source in the level's table and no tombstone of its level: a first load."""
     row = conn.execute(
         sql.SQL(
             "SELECT NOT EXISTS (SELECT 1 FROM {} WHERE source_system = %(src)s)"
             " AND NOT EXISTS (SELECT 1 FROM medsync.tombstone WHERE source_system = %(src)s AND level = %(level)s)"
-        ).format(q.table),
-        params,
+        ).format(_I(A_SCHEMA, spec(level).table)),
+        {"src": source, "level": level},
     ).fetchone()
     return row == (True,)
 

@@ -14,6 +14,7 @@ what validates now is staged like any record; the merge then resolves the entry.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
@@ -106,6 +107,19 @@ def _column_types(conn: psycopg.Connection, table: sql.Identifier, columns: Iter
         ).fetchall()
     )
     return [found[c] for c in columns]
+
+
+def _binary_copy(conn: psycopg.Connection, table: sql.Identifier, level: str) -> tuple[sql.Composed, list[int]]:
+    """The COPY statement of a level's staging rows, and the column types it needs.
+
+    Binary COPY: about half the client CPU per row of text COPY (no text formatting of dates,
+    numbers and UUIDs), which is a good part of a pull's CPU. It needs the column types.
+    """
+    names = (*STAGE_FIXED_COLUMNS, *staged_columns(level))
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        table, sql.SQL(", ").join(map(sql.Identifier, names))
+    )
+    return statement, _column_types(conn, table, names)
 
 
 def drop_staging_tables(conn: psycopg.Connection, source: str, run_id: int) -> None:
@@ -210,14 +224,21 @@ def read_ahead(items: Iterable[T], depth: int = READ_AHEAD_PAGES) -> Iterator[T]
         producer.join()
 
 
-def _open_quarantine_chunk(conn: psycopg.Connection, source: str, level: str, after: str) -> list[tuple[str, Any]]:
-    """The next open quarantine entries of a level after key ``after`` (keyset paging)."""
-    return conn.execute(
+def _open_quarantine(conn: psycopg.Connection, source: str, level: str) -> Iterator[list[object]]:
+    """The payloads of a level's open quarantine, a chunk at a time (keyset paging).
+
+    Each chunk is read before it is handed on, so the caller may COPY it on the same connection
+    (no query may run while a COPY is open).
+    """
+    after = ""
+    while chunk := conn.execute(
         "SELECT source_key, payload FROM medsync.quarantine"
         " WHERE source_system = %s AND level = %s AND resolved_at IS NULL AND source_key > %s"
         " ORDER BY source_key LIMIT %s",
         (source, level, after, QUARANTINE_RETRY_CHUNK),
-    ).fetchall()
+    ).fetchall():
+        after = chunk[-1][0]
+        yield [payload for _, payload in chunk]
 
 
 def _parse_each(
@@ -245,6 +266,7 @@ def pull_level(
     new_id: Callable[[], Any] = uuid7,
     expected_records: int | None = None,
     progress_seconds: float = PROGRESS_SECONDS,
+    chunk_committed: Callable[[int], None] | None = None,
 ) -> PullCounts:
     """Stages one level (or one slice of it) for a run; returns what it counted.
 
@@ -257,26 +279,25 @@ def pull_level(
     A long pull logs its progress every ``progress_seconds``: records and pages so far, the
     rate, and, given ``expected_records`` (what the source's counts say the window holds),
     about how many records and seconds are left. One clock read per page.
+
+    Each commit is a chunk of the slice, numbered from 1 in the staged rows' ``chunk`` column;
+    ``chunk_committed`` is told each chunk's number once it is committed (merging while
+    pulling, ``medsync.early_merge``).
     """
     started = time.monotonic()
     counts = PullCounts()
     table = ensure_staging_table(conn, source, level, run_id)
-    names = (*STAGE_FIXED_COLUMNS, *staged_columns(level))
-    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-        table, sql.SQL(", ").join(map(sql.Identifier, names))
-    )
-    # Binary COPY: about half the client CPU per row of text COPY (no text formatting of dates,
-    # numbers and UUIDs), which is a good part of a pull's CPU. It needs the column types.
-    types = _column_types(conn, table, names)
-    width = len(staged_columns(level))
-    tombstone_tail = (None,) * width
+    copy_sql, types = _binary_copy(conn, table, level)
+    tombstone_tail = (None,) * len(staged_columns(level))
     quarantine = _Quarantine(source, level, run_id)
+    chunk_numbers = itertools.count(1)
 
     conn.execute(sql.SQL("DELETE FROM {} WHERE slice = %s").format(table), (slice_index,))
 
     def stage(stream: Iterator[tuple[object, StagedRecord | RecordRejected]], from_quarantine: bool) -> None:
         exhausted = False
         while not exhausted:
+            chunk = next(chunk_numbers)
             # One transaction per chunk: COPY rows and the chunk's quarantine commit together.
             with conn.transaction():
                 with conn.cursor() as cur, cur.copy(copy_sql) as copy:
@@ -293,7 +314,9 @@ def pull_level(
                             quarantine.add(rec, raw)
                         else:
                             tail = tombstone_tail if rec.deleted else rec.values
-                            copy.write_row((rec.source_key, rec.updated_at, rec.deleted, new_id(), slice_index, *tail))
+                            copy.write_row(
+                                (rec.source_key, rec.updated_at, rec.deleted, new_id(), slice_index, chunk, *tail)
+                            )
                             counts.staged += 1
                             counts.tombstones += rec.deleted
                         if in_chunk >= commit_rows:
@@ -301,6 +324,8 @@ def pull_level(
                     else:
                         exhausted = True
                 quarantine.flush(conn)
+            if chunk_committed is not None and in_chunk:
+                chunk_committed(chunk)
 
     progress = Progress(level, slice_index, expected_records, progress_seconds)
 
@@ -314,12 +339,9 @@ def pull_level(
 
     if retry_quarantine:
         # Before the source's pages, so that what this pull quarantines is not retried at once.
-        # Read a chunk, then stage it: no query may run while a COPY is open on the connection.
-        last = ""
-        while chunk := _open_quarantine_chunk(conn, source, level, after=last):
-            last = chunk[-1][0]
-            counts.quarantine_retried += len(chunk)
-            stage(_parse_each(parser, level, [payload for _, payload in chunk]), from_quarantine=True)
+        for payloads in _open_quarantine(conn, source, level):
+            counts.quarantine_retried += len(payloads)
+            stage(_parse_each(parser, level, payloads), from_quarantine=True)
     stage(source_records(), from_quarantine=False)
     counts.seconds = time.monotonic() - started
     log.info(

@@ -135,8 +135,11 @@ def prepare(
 
 
 def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int = 1) -> dict[str, Any]:
-    """Streams one level (one time slice of it) from the source into this run's staging table."""
-    from medsync import snapshot, staging
+    """Streams one level (one time slice of it) from the source into this run's staging table.
+
+    A first load of the instances is also merged chunk by chunk meanwhile (``medsync.early_merge``).
+    """
+    from medsync import early_merge, merge, snapshot, staging
 
     cfg = get_source_config(source)
     parser = record_parser(cfg)
@@ -146,15 +149,31 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
             log.info("run %d does not sync %s (levels chosen in the trigger form): nothing to pull", run_id, level)
             return {"level": level, "slice": slice_index, "skipped": True, "staged": 0, "quarantined": 0}
         window = staging.window_slice(level_window, slices, slice_index)
-        full_refresh = ledger.get_run(conn, run_id).run_type == FULL_REFRESH
+        run = ledger.get_run(conn, run_id)
+        full_refresh = run.run_type == FULL_REFRESH
         src = open_source(cfg)
+        # This attempt numbers its chunks anew: an earlier attempt's merged chunks are history.
+        merge.forget_merged_chunks(conn, run_id, level, slice_index)
+        merging = early_merge.applies(
+            conn, enabled=cfg.merge_while_pulling, source=source, level=level, slices=slices,
+            dry_run=bool(run.options.get("dry_run")),
+        )  # fmt: skip
+        merger = early_merge.EarlyMerger(
+            connect=lambda: connect_a(cfg), source=source, level=level, run_id=run_id, slice_index=slice_index,
+            batch_size=cfg.merge_batch_size, lock_timeout_seconds=cfg.lock_timeout_seconds,
+            parent_lookup=src.parent_link(level).column,
+        ) if merging else None  # fmt: skip
         # A source without tombstones: when its snapshot is due, the first slice lists the level whole.
         snapshot_now = (
             src.deletion_mode(level) is DeletionMode.SNAPSHOT
             and slice_index == 0
             and snapshot.due(conn, cfg, level, run_id)
         )
-        with request_limiter(cfg) as limiter, src.connect(limiter) as client:
+        with (
+            request_limiter(cfg) as limiter,
+            src.connect(limiter) as client,
+            merger if merger is not None else nullcontext(),
+        ):
             # A full refresh pulls about what the source's counts say (one request), so its progress
             # lines can say what is left; a window's share of them is unknown.
             source_counts = client.counts() if full_refresh else None
@@ -172,7 +191,10 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
                 retry_quarantine=slice_index == 0,
                 commit_rows=cfg.staging_commit_rows,
                 expected_records=expected,
+                chunk_committed=merger.committed if merger is not None else None,
             ).as_dict()
+        if merger is not None:
+            counts["merged_while_pulling"] = merger.figures.as_dict()
         if snapshot_now:
             counts["snapshot"] = snapshot.stage_tombstones(
                 conn, source=source, level=level, run_id=run_id, slice_index=slice_index, listed=counts["records"]

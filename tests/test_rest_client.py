@@ -979,3 +979,27 @@ def test_every_level_is_read_whole_from_bs_simulator_through_its_faults(fake: Fa
         faults = sim.stats()["faults"]
     assert counts == {"subject": 6, "study": 12, "sequence": 24, "instance": 96}
     assert faults["expire"] > 0 and faults["throttle"] > 0 and faults["error"] > 0 and faults["drop"] > 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"data": [{"id": "p1", "n": 3, "x": 1.5, "ok": true, "none": null, "t": "caf\\u00e9 \\u0000"}]}',
+        '{"data": ["\ud55c\uae00 \U0001f600"]}'.encode(),
+        '{"data": [1]}'.encode("utf-16"),  # not UTF-8: json.loads detects the encoding
+        b'{"n": NaN, "big": 123456789012345678901234567890}',  # outside msgspec's JSON: json.loads's reading
+        b'{"k": 1, "k": 2}',  # a repeated key: the last one, as json.loads keeps it
+    ],
+)
+def test_pages_are_parsed_exactly_as_json_loads_reads_them(body: bytes) -> None:
+    from medsync.sources.rest.client import parse_json
+
+    parsed, expected = parse_json(body), json.loads(body)
+    assert json.dumps(parsed, sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
+def test_a_body_that_is_not_json_is_refused_as_json_loads_refuses_it() -> None:
+    from medsync.sources.rest.client import parse_json
+
+    with pytest.raises(ValueError):
+        parse_json(b'{"data": [')

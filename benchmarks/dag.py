@@ -21,8 +21,6 @@ from benchmarks.worker import Outcome, run
 from medsync.config import LEVELS
 from medsync.windows import RunFacts
 
-SOURCE = "b"
-
 
 class BenchError(RuntimeError):
     """The benchmark cannot go on (a task failed, a check did not hold)."""
@@ -100,7 +98,7 @@ class Workers:
                 for task in [t for t in waiting.values() if all(a in done for a in t.after)]:
                     del waiting[task.name]
                     ours, theirs = self._ctx.Pipe(duplex=False)
-                    proc = self._ctx.Process(
+                    proc: multiprocessing.process.BaseProcess = self._ctx.Process(
                         target=run,
                         args=(theirs, task.name, task.target, task.kwargs, self.env, self.log_path),
                         name=f"bench-{task.name}",
@@ -141,16 +139,16 @@ class Workers:
 
 
 def sync_graph(
-    run_id: int, instance_slices: int, levels: Iterable[str] = LEVELS, *, pulls_only: bool = False
+    run_id: int, instance_slices: int, levels: Iterable[str] = LEVELS, *, source: str = "b", pulls_only: bool = False
 ) -> list[Task]:
-    """The DAG's tasks after prepare, with the DAG's dependencies (``medsync.dag_factory``)."""
+    """``source``'s DAG's tasks after prepare, with the DAG's dependencies (``medsync.dag_factory``)."""
     tasks: list[Task] = []
     previous_merge: tuple[str, ...] = ()
     for level in levels:
         slices = instance_slices if level == "instance" else 1
         pulls = tuple(f"pull_{level}" + (f"_{i}" if slices > 1 else "") for i in range(slices))
         for i, name in enumerate(pulls):
-            kwargs = {"source": SOURCE, "level": level, "run_id": run_id, "slice_index": i, "slices": slices}
+            kwargs = {"source": source, "level": level, "run_id": run_id, "slice_index": i, "slices": slices}
             tasks.append(Task(name, "medsync.tasks:pull", kwargs))
         if pulls_only:
             continue
@@ -159,29 +157,29 @@ def sync_graph(
             Task(
                 merge,
                 "medsync.tasks:merge",
-                {"source": SOURCE, "level": level, "run_id": run_id},
+                {"source": source, "level": level, "run_id": run_id},
                 after=(*pulls, *previous_merge),
             )
         )
         previous_merge = (merge,)
     if not pulls_only:
-        ids = {"source": SOURCE, "run_id": run_id}
+        ids = {"source": source, "run_id": run_id}
         tasks.append(Task("check_files", "medsync.tasks:check_files", ids, after=previous_merge))
         tasks.append(Task("report", "medsync.tasks:report", ids, after=("check_files",)))
         tasks.append(Task("finish", "medsync.tasks:finish", ids, after=("report",)))
     return tasks
 
 
-def prepare(workers: Workers, dag_run_id: str, facts: RunFacts) -> TaskRun:
-    return workers.run_one("medsync.tasks:prepare", source=SOURCE, dag_run_id=dag_run_id, facts=facts)
+def prepare(workers: Workers, source: str, dag_run_id: str, facts: RunFacts) -> TaskRun:
+    return workers.run_one("medsync.tasks:prepare", source=source, dag_run_id=dag_run_id, facts=facts)
 
 
-def run_sync(workers: Workers, dag_run_id: str, facts: RunFacts, instance_slices: int) -> SyncRun:
+def run_sync(workers: Workers, source: str, dag_run_id: str, facts: RunFacts, instance_slices: int) -> SyncRun:
     """One whole DAG run; its time runs from prepare's fork to finish's end."""
     began = time.perf_counter()
-    prepared = prepare(workers, dag_run_id, facts)
+    prepared = prepare(workers, source, dag_run_id, facts)
     plan = prepared.result
-    tasks = workers.run_graph(sync_graph(plan["run_id"], instance_slices))
+    tasks = workers.run_graph(sync_graph(plan["run_id"], instance_slices, source=source))
     seconds = time.perf_counter() - began
     for task in tasks.values():
         task.began += prepared.seconds

@@ -34,25 +34,28 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from benchmarks import floor, measure, peers, table
 from benchmarks.dag import BenchError, SyncRun, Task, TaskRun, Workers, prepare, run_sync, sync_graph
 from benchmarks.fixtures import (
-    API_KEY,
     BASE_TIME,
-    RESOURCES,
+    B,
+    BenchSource,
+    Server,
     Shape,
     connect,
     database,
     database_name,
     include_dir,
-    simulator,
     worker_env,
 )
 from benchmarks.paths import ROOT
@@ -75,12 +78,13 @@ class Options:
     scale: tuple[int, ...]
     naive_instances: int
     slices: int
-    """Instance slices of the full loads (the DAG's ``instance_slices``)."""
+    """Instance slices of B's full loads (the DAG's ``instance_slices``)."""
     slice_counts: tuple[int, ...]
     page_size: int
+    """B's page size."""
     incremental_fraction: float
     pairs: int
-    """Floor + full load pairs; the full-load-to-floor target is judged on their median ratio."""
+    """Floor + full load pairs per source; the full-load-to-floor targets are judged on their medians."""
     keep: bool
     results_dir: Path
     plugins: str
@@ -96,12 +100,15 @@ def parse_args(argv: list[str] | None) -> Options:
         "--scale", default="3000000", help="comma-separated sizes of the scale runs, or 'none' (default 3000000)"
     )
     p.add_argument("--naive-instances", type=int, default=100_000, help="size of the naive baseline's catalogue")
-    p.add_argument("--slices", type=int, default=None, help="instance slices of the full loads (default: b.yaml's)")
+    p.add_argument("--slices", type=int, default=None, help="instance slices of B's full loads (default: b.yaml's)")
     p.add_argument("--slice-counts", default="1,2,4", help="slice counts of the instance pull comparison")
-    p.add_argument("--page-size", type=int, default=None, help="records per page (default: b.yaml's)")
+    p.add_argument("--page-size", type=int, default=None, help="B's records per page (default: b.yaml's)")
     p.add_argument("--incremental-fraction", type=float, default=0.01)
     p.add_argument(
-        "--pairs", type=int, default=3, help="floor + full load pairs, each in a fresh A; the ratio is their median"
+        "--pairs",
+        type=int,
+        default=3,
+        help="floor + full load pairs per source, each in a fresh A; the ratios are their medians",
     )
     p.add_argument("--quick", action="store_true", help="small sizes (20k, scale 60k, naive 5k): a few minutes less")
     p.add_argument("--keep", action="store_true", help="keep the databases (medsync_bench_<pid>_*)")
@@ -114,7 +121,7 @@ def parse_args(argv: list[str] | None) -> Options:
     a = p.parse_args(argv)
     from medsync.config import load_source_config
 
-    cfg = load_source_config(ROOT / "include" / "sources" / "b.yaml")
+    b_cfg = load_source_config(ROOT / "include" / "sources" / "b.yaml")
     instances, scale, naive = a.instances, a.scale, a.naive_instances
     if a.quick:
         instances, scale, naive = 20_000, "60000", 5_000
@@ -122,9 +129,9 @@ def parse_args(argv: list[str] | None) -> Options:
         instances=instances,
         scale=() if scale.strip().lower() in ("", "none") else tuple(int(x) for x in scale.split(",")),
         naive_instances=naive,
-        slices=a.slices or cfg.instance_slices,
+        slices=a.slices or b_cfg.instance_slices,
         slice_counts=tuple(int(x) for x in a.slice_counts.split(",") if x.strip()),
-        page_size=a.page_size or cfg.page_size,
+        page_size=a.page_size or b_cfg.page_size,
         incremental_fraction=a.incremental_fraction,
         pairs=max(1, a.pairs),
         keep=a.keep,
@@ -137,6 +144,30 @@ def parse_args(argv: list[str] | None) -> Options:
 
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+@dataclass(frozen=True)
+class Served:
+    """A catalogue served by a source's simulator, and the config medsync reads it with: what a phase needs."""
+
+    server: Server
+    shape: Shape
+    include: Path
+    """The include folder holding the source's config as the benchmark runs it (``fixtures.include_dir``)."""
+    page_size: int
+    slices: int
+    """Instance slices, of the full loads and of their floors alike."""
+
+    @property
+    def source(self) -> BenchSource:
+        return self.server.source
+
+    def env(self, db: str) -> dict[str, str]:
+        return worker_env(self.include, db, self.server)
+
+
+FullLoad = tuple[dict[str, Any], dict[str, Any]]
+"""A floor's figures and those of the full load measured beside it."""
 
 
 class Bench:
@@ -167,60 +198,69 @@ class Bench:
         self.results["targets"] = targets(self.results)
         return self.results
 
+    @contextmanager
+    def serve(self, source: BenchSource, instances: int, folder: Path) -> Iterator[Served]:
+        """``source``'s simulator holding about ``instances`` instances, read with the run's page size and slices
+        (its config set up for them in ``folder``)."""
+        page_size, slices = self.opts.page_size, self.opts.slices
+        shape = Shape.for_instances(instances)
+        include = include_dir(folder, source, page_size=page_size, instance_slices=slices)
+        with source.simulator(shape) as server:
+            yield Served(server, shape, include, page_size, slices)
+
     def main_catalogue(self, tmp: Path) -> None:
         opts = self.opts
-        shape = Shape.for_instances(opts.instances)
-        include = include_dir(tmp / "include", page_size=opts.page_size, instance_slices=opts.slices)
-        with simulator(shape) as sim, database("main", opts.keep) as db, connect(db) as conn:
-            workers = self.workers.using(worker_env(include, db, sim.base_url))
+        with (
+            self.serve(B, opts.instances, tmp / "include") as served,
+            database("main", opts.keep) as db,
+            connect(db) as conn,
+        ):
+            workers = self.workers.using(served.env(db))
+            shape, server = served.shape, served.server
             self.results["catalogue"] = {"instances": shape.instances, "records": shape.records, **shape.per_level}
-            self.results["floor"] = self.floor(workers, conn, db, sim, shape)
-
-            full = self.sync(workers, conn, "full-load", RunFacts("manual", None, None, BASE_TIME), sim.proc.pid)
-            full["rows"] = measure.check_rows(conn, sim.base_url)
-            self._require(full["rows"]["matches"], f"after the full load A's rows differ from B's: {full['rows']}")
+            floor_figures = self.floor(workers, conn, served)
+            full = self.full_load(workers, conn, served, "full-load")
             full["b_rate_limit"] = b_rate_limit(full, opts.page_size)
-            self.results["full_load"] = full
 
             newest = RunFacts("scheduled", BASE_TIME - WINDOW, BASE_TIME, BASE_TIME)
-            self.results["no_change_window"] = self.sync(workers, conn, "no-change-window", newest, sim.proc.pid)
+            self.results["no_change_window"] = self.sync(workers, conn, served, "no-change-window", newest)
             refresh = RunFacts("manual", None, None, BASE_TIME, full_refresh=True)
-            self.results["no_change_full_refresh"] = self.sync(
-                workers, conn, "no-change-full-refresh", refresh, sim.proc.pid
-            )
-            # Before the incremental run changes B: every pair loads the same catalogue.
-            self.results["pairs"] = [_pair(self.results["floor"], full)]
-            self.results["pairs"] += [self.pair(include, sim, shape, k) for k in range(2, opts.pairs + 1)]
-            self.results["pairs_median_ratio"] = statistics.median(p["ratio"] for p in self.results["pairs"])
-            self.results["peers"] = self.peers(tmp, sim)
+            self.results["no_change_full_refresh"] = self.sync(workers, conn, served, "no-change-full-refresh", refresh)
+            # Before the incremental run changes B: every pair and every peer loads the same catalogue.
+            self.results.update(self.full_loads(served, first=(floor_figures, full)))
+            self.results["peers"] = self.peers(tmp, server)
 
-            self.results["incremental"] = self.incremental(workers, conn, sim)
-            self.results["slices"] = [self.sliced_pull(workers, conn, k, sim) for k in opts.slice_counts]
+            self.results["incremental"] = self.incremental(workers, conn, served)
+            self.results["slices"] = [self.sliced_pull(workers, conn, served, k) for k in opts.slice_counts]
 
-    def floor(self, workers: Workers, conn: psycopg.Connection, db: str, sim: Any, shape: Shape) -> dict[str, Any]:
+    def full_loads(self, served: Served, first: FullLoad | None = None) -> dict[str, Any]:
+        """The floor and the full load ``--pairs`` times (``first``, if given, is one), each full load into a
+        fresh A; with the median the target judges."""
+        loads = [first] if first else []
+        loads += [self.pair(served, k) for k in range(len(loads) + 1, self.opts.pairs + 1)]
+        pairs = [_pair(f, full) for f, full in loads]
+        out: dict[str, Any] = {
+            "floor": loads[0][0],
+            "full_load": loads[0][1],
+            "pairs": pairs,
+            "pairs_median_ratio": statistics.median(p["ratio"] for p in pairs),
+        }
+        return out
+
+    def floor(self, workers: Workers, conn: psycopg.Connection, served: Served) -> dict[str, Any]:
         """Raw fetch + COPY of the full load's windows, with the pulls' parallelism."""
-        base_url = sim.base_url
-        floor.create_table(conn)
+        floor.create_table(conn, served.source.api["version"]["format"])
         measure.checkpoint(conn)
-        cpu = measure.CpuProbe.take(sim.proc.pid)
-        window = Window(BEGINNING, BASE_TIME)
-        tasks = []
-        for level in LEVELS:
-            parts = window.slices(self.opts.slices if level == "instance" else 1)
-            for i, part in enumerate(parts):
-                tasks.append(
-                    _floor_task(f"floor_{level}_{i}", db, base_url, RESOURCES[level], part, self.opts.page_size)
-                )
+        cpu = measure.CpuProbe.take(served.server.pid)
         began = time.perf_counter()
-        ran = workers.run_graph(tasks)
+        ran = workers.run_graph(_floor_tasks(served, conn.info.dbname, Window(BEGINNING, BASE_TIME)))
         seconds = time.perf_counter() - began
         used = cpu.since()
         records = sum(t.result["records"] for t in ran.values())
-        stored = conn.execute(f"SELECT count(*) FROM {floor.TABLE}").fetchone()
+        stored = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(floor.TABLE))).fetchone()
         floor.drop_table(conn)
-        self._require(
-            records == shape.records, f"the floor fetched {records} records, the catalogue has {shape.records}"
-        )
+        expected = served.shape.records
+        self._require(records == expected, f"the floor fetched {records} records, the catalogue has {expected}")
         self._require(stored is not None and stored[0] == records, "the floor table lost records")
         instance = [t for name, t in ran.items() if name.startswith("floor_instance_")]
         return {
@@ -231,20 +271,27 @@ class Bench:
             "cpu": used,
             "client_cpu_seconds": sum(t.cpu_seconds for t in ran.values()),
             # The instance level's part, beside the other levels' as in the full load: its pull's floor.
-            "instance_seconds": max(t.began + t.seconds for t in instance) - min(t.began for t in instance),
+            "instance_seconds": _span_seconds(instance),
         }
 
-    def pair(self, include: Path, sim: Any, shape: Shape, k: int) -> dict[str, Any]:
+    def pair(self, served: Served, k: int) -> FullLoad:
         """The floor and the full load once more, into a fresh A: how much their ratio varies here."""
-        with database(f"pair_{k}", self.opts.keep) as db, connect(db) as conn:
-            workers = self.workers.using(worker_env(include, db, sim.base_url))
-            floor_figures = self.floor(workers, conn, db, sim, shape)
-            full = self.sync(workers, conn, f"full-load-{k}", RunFacts("manual", None, None, BASE_TIME), sim.proc.pid)
-            rows = measure.check_rows(conn, sim.base_url)
-            self._require(rows["matches"], f"after full load {k} A's rows differ from B's: {rows}")
-        return _pair(floor_figures, full)
+        with database(f"{served.source.name}_pair_{k}", self.opts.keep) as db, connect(db) as conn:
+            workers = self.workers.using(served.env(db))
+            floor_figures = self.floor(workers, conn, served)
+            return floor_figures, self.full_load(workers, conn, served, f"full-load-{k}")
 
-    def peers(self, tmp: Path, sim: Any) -> dict[str, Any]:
+    def full_load(self, workers: Workers, conn: psycopg.Connection, served: Served, name: str) -> dict[str, Any]:
+        """A manual run into an empty A, with A's rows then checked against the source's counts."""
+        full = self.sync(workers, conn, served, name, RunFacts("manual", None, None, BASE_TIME))
+        full["rows"] = measure.check_rows(conn, served.server)
+        self._require(
+            full["rows"]["matches"],
+            f"after {name} of {served.source.name} A's rows differ from the source's: {full['rows']}",
+        )
+        return full
+
+    def peers(self, tmp: Path, server: Server) -> dict[str, Any]:
         """dlt's full loads of the same catalogue, each into a database of its own (``benchmarks.peers``)."""
         if not self.opts.peers:
             return {"skipped": "--no-peers"}
@@ -263,13 +310,12 @@ class Bench:
                 out[config] = peers.load(
                     python,
                     config,
-                    base_url=sim.base_url,
+                    server=server,
                     db=name,
                     since=BEGINNING,
                     until=BASE_TIME,
                     page_size=self.opts.page_size,
                     pipelines_dir=tmp / "dlt",
-                    simulator_pid=sim.proc.pid,
                 )
             finally:
                 if not self.opts.keep:
@@ -277,54 +323,58 @@ class Bench:
         return out
 
     def sync(
-        self, workers: Workers, conn: psycopg.Connection, name: str, facts: RunFacts, simulator_pid: int
+        self,
+        workers: Workers,
+        conn: psycopg.Connection,
+        served: Served,
+        name: str,
+        facts: RunFacts,
     ) -> dict[str, Any]:
         """One DAG run with the rows it wrote into A, counted by PostgreSQL, and the CPU it kept busy."""
         measure.checkpoint(conn)
         probe = measure.WriteProbe.take(conn)
-        cpu = measure.CpuProbe.take(simulator_pid)
-        ran = run_sync(workers, name, facts, self.opts.slices)
+        cpu = measure.CpuProbe.take(served.server.pid)
+        ran = run_sync(workers, served.source.name, name, facts, served.slices)
         figures = sync_figures(ran)
         figures["cpu"] = cpu.since()
         figures["written"] = probe.written(conn)
         return figures
 
-    def incremental(self, workers: Workers, conn: psycopg.Connection, sim: Any) -> dict[str, Any]:
+    def incremental(self, workers: Workers, conn: psycopg.Connection, served: Served) -> dict[str, Any]:
         """Changes 1% of every level at one instant, then syncs the 12 h window holding it."""
-        sim.admin.set_now((BASE_TIME + timedelta(hours=1)).isoformat())
-        changed = sim.admin.mutate_fraction(self.opts.incremental_fraction, seed=7)
-        sim.admin.set_now((BASE_TIME + WINDOW).isoformat())
+        admin = served.server.admin
+        admin.set_now((BASE_TIME + timedelta(hours=1)).isoformat())
+        changed = admin.mutate_fraction(self.opts.incremental_fraction, seed=7)
+        admin.set_now((BASE_TIME + WINDOW).isoformat())
         facts = RunFacts("scheduled", BASE_TIME, BASE_TIME + WINDOW, BASE_TIME + WINDOW)
-        figures = self.sync(workers, conn, "incremental", facts, sim.proc.pid)
+        figures = self.sync(workers, conn, served, "incremental", facts)
         figures["changed"] = changed
-        figures["rows"] = measure.check_rows(conn, sim.base_url)
+        figures["rows"] = measure.check_rows(conn, served.server)
         self._require(
             figures["rows"]["matches"], f"after the incremental run A's rows differ from B's: {figures['rows']}"
         )
         return figures
 
-    def sliced_pull(self, workers: Workers, conn: psycopg.Connection, slices: int, sim: Any) -> dict[str, Any]:
+    def sliced_pull(self, workers: Workers, conn: psycopg.Connection, served: Served, slices: int) -> dict[str, Any]:
         """The whole instance window pulled by ``slices`` parallel tasks (staging only), then its floor."""
         measure.checkpoint(conn)
+        source = served.source.name
         facts = RunFacts("manual", None, None, BASE_TIME + WINDOW, full_refresh=True)
         began = time.perf_counter()
-        run_id = prepare(workers, f"slices-{slices}", facts).result["run_id"]
+        run_id = prepare(workers, source, f"slices-{slices}", facts).result["run_id"]
         prepared = time.perf_counter()
-        cpu = measure.CpuProbe.take(sim.proc.pid)
-        ran = workers.run_graph(sync_graph(run_id, slices, levels=("instance",), pulls_only=True))
+        cpu = measure.CpuProbe.take(served.server.pid)
+        ran = workers.run_graph(sync_graph(run_id, slices, levels=("instance",), source=source, pulls_only=True))
         seconds = time.perf_counter() - prepared
         used = cpu.since()
-        staging.drop_staging_tables(conn, "b", run_id)
+        staging.drop_staging_tables(conn, source, run_id)
         conn.execute("UPDATE medsync.sync_run SET status = 'failed' WHERE id = %s", (run_id,))
         records = sum(t.result["staged"] + t.result["quarantined"] for t in ran.values())
         # The same window and slices through the floor: what the source and the machine allow for it.
-        floor.create_table(conn)
-        db = conn.info.dbname
-        parts = Window(BEGINNING, facts.run_after).slices(slices)
-        tasks = [
-            _floor_task(f"floor_instance_{i}", db, sim.base_url, RESOURCES["instance"], part, self.opts.page_size)
-            for i, part in enumerate(parts)
-        ]
+        floor.create_table(conn, served.source.api["version"]["format"])
+        tasks = _floor_tasks(
+            served, conn.info.dbname, Window(BEGINNING, facts.run_after), levels=("instance",), slices=slices
+        )
         floor_began = time.perf_counter()
         workers.run_graph(tasks)
         floor_seconds = time.perf_counter() - floor_began
@@ -343,17 +393,16 @@ class Bench:
 
     def naive(self, tmp: Path) -> None:
         """The naive baseline, the sync and the floor, the syncs each into an empty A, on the same smaller catalogue."""
-        shape = Shape.for_instances(self.opts.naive_instances)
-        include = include_dir(tmp / "include-naive", page_size=self.opts.page_size, instance_slices=self.opts.slices)
-        out: dict[str, Any] = {"catalogue": {"instances": shape.instances, "records": shape.records}}
-        with simulator(shape) as sim:
+        with self.serve(B, self.opts.naive_instances, tmp / "include-naive") as served:
+            shape = served.shape
+            out: dict[str, Any] = {"catalogue": {"instances": shape.instances, "records": shape.records}}
             with database("naive", self.opts.keep) as db, connect(db) as conn:
-                workers = self.workers.using(worker_env(include, db, sim.base_url))
+                workers = self.workers.using(served.env(db))
                 measure.checkpoint(conn)
                 began = time.perf_counter()
                 ran = workers.run_one("benchmarks.naive:load", since=BEGINNING, until=BASE_TIME)
                 seconds = time.perf_counter() - began
-                rows = measure.check_rows(conn, sim.base_url)
+                rows = measure.check_rows(conn, served.server)
                 self._require(rows["matches"], f"the naive baseline did not load the catalogue: {rows}")
                 out["naive"] = {
                     "seconds": seconds,
@@ -363,30 +412,26 @@ class Bench:
                     "per_level": ran.result,
                 }
             with database("naive_sync", self.opts.keep) as db, connect(db) as conn:
-                workers = self.workers.using(worker_env(include, db, sim.base_url))
-                figures = self.sync(workers, conn, "full-load", RunFacts("manual", None, None, BASE_TIME), sim.proc.pid)
-                rows = measure.check_rows(conn, sim.base_url)
-                self._require(rows["matches"], "the sync did not load the naive baseline's catalogue")
+                workers = self.workers.using(served.env(db))
+                figures = self.full_load(workers, conn, served, "full-load")
                 out["sync"] = {k: figures[k] for k in ("seconds", "records", "records_per_s", "peak_rss_mb")}
                 # What the machine allows on this catalogue: no sync is faster than fetching and COPYing it raw.
-                out["floor"] = self.floor(workers, conn, db, sim, shape)
+                out["floor"] = self.floor(workers, conn, served)
         out["speed_up"] = out["naive"]["seconds"] / out["sync"]["seconds"]
         self.results["naive"] = out
 
     def scale(self, tmp: Path, instances: int) -> dict[str, Any]:
         """The full load of a catalogue of ``instances``: time, records/s and peak RSS."""
-        shape = Shape.for_instances(instances)
-        include = include_dir(
-            tmp / f"include-{instances}", page_size=self.opts.page_size, instance_slices=self.opts.slices
-        )
-        with simulator(shape) as sim, database(f"scale_{instances}", self.opts.keep) as db, connect(db) as conn:
-            workers = self.workers.using(worker_env(include, db, sim.base_url))
-            figures = self.sync(workers, conn, "full-load", RunFacts("manual", None, None, BASE_TIME), sim.proc.pid)
-            figures["rows"] = measure.check_rows(conn, sim.base_url)
-            self._require(figures["rows"]["matches"], f"after the {instances:,} load A's live rows differ from B's")
+        with (
+            self.serve(B, instances, tmp / f"include-{instances}") as served,
+            database(f"scale_{instances}", self.opts.keep) as db,
+            connect(db) as conn,
+        ):
+            workers = self.workers.using(served.env(db))
+            figures = self.full_load(workers, conn, served, "full-load")
             size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
             figures["database_mb"] = int(size[0]) / 2**20 if size else None
-        figures["catalogue"] = {"instances": shape.instances, "records": shape.records}
+        figures["catalogue"] = {"instances": served.shape.instances, "records": served.shape.records}
         return figures
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -398,7 +443,7 @@ class Bench:
     def _machine(self) -> dict[str, Any]:
         with psycopg.connect(dsn_for("postgres")) as conn:
             version = conn.execute("SHOW server_version").fetchone()
-            settings = dict(
+            settings: dict[str, str] = dict(
                 conn.execute(
                     "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN"
                     " ('shared_buffers', 'max_wal_size', 'work_mem', 'synchronous_commit', 'fsync', 'wal_level')"
@@ -413,18 +458,33 @@ class Bench:
         }
 
 
-def _floor_task(name: str, db: str, base_url: str, resource: str, window: Window, page_size: int) -> Task:
-    kwargs = {
+def _floor_tasks(
+    served: Served, db: str, window: Window, levels: Sequence[str] = LEVELS, slices: int | None = None
+) -> list[Task]:
+    """One floor task per level (``floor_<level>_0``), the instance level in ``slices`` time slices (default: the
+    full load's), each fetching its part of ``window`` as the pulls do."""
+    source = served.source
+    common = {
         "dsn": dsn_for(db),
-        "base_url": base_url,
-        "api_key": API_KEY,
-        "resource": resource,
-        "since": window.since,
-        "until": window.until,
-        "page_size": page_size,
+        "base_url": served.server.base_url,
+        "headers": source.headers,
+        "api": source.api,
+        "page_size": served.page_size,
         "commit_rows": 50_000,
     }
-    return Task(name, "benchmarks.floor:pull_raw", kwargs)
+    tasks = []
+    for level in levels:
+        parts = window.slices((slices or served.slices) if level == "instance" else 1)
+        for i, part in enumerate(parts):
+            kwargs = {**common, "endpoint": source.resources[level], "since": part.since, "until": part.until}
+            tasks.append(Task(f"floor_{level}_{i}", "benchmarks.floor:pull_raw", kwargs))
+    return tasks
+
+
+def _span_seconds(tasks: Sequence[TaskRun]) -> float:
+    """From the first task's start to the last one's end: one level's pull or floor, whole when it runs in
+    slices (so that a level in slices is compared slices against slices)."""
+    return max(t.began + t.seconds for t in tasks) - min(t.began for t in tasks)
 
 
 def sync_figures(ran: SyncRun) -> dict[str, Any]:
@@ -434,7 +494,7 @@ def sync_figures(ran: SyncRun) -> dict[str, Any]:
         pulls = ran.tasks_like(f"pull_{level}")
         merge = ran.tasks[f"merge_{level}"]
         records = sum(t.result["staged"] + t.result["quarantined"] for t in pulls)
-        pull_seconds = max(t.began + t.seconds for t in pulls) - min(t.began for t in pulls)
+        pull_seconds = _span_seconds(pulls)
         merged = merge.result
         levels[level] = {
             "records": records,

@@ -16,8 +16,10 @@ studies x 5 sequences x 10 instances), served by the B simulator without its rat
 7. incremental: 1% of every level changed (updates, deletes, new records) inside one 12 h
    window, then that window synced;
 8. instance pull split into 1, 2 and 4 time slices (parallel tasks);
-9. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
-10. scale: the full load again at each ``--scale`` size (default 3,000,000).
+9. C: phases 1, 2, 4 and 5 against the C simulator (``include/sources/c.yaml``, its page size
+   and slices), on a catalogue of ``--c-instances`` (default: as many as B's; 0 skips);
+10. naive baseline, the sync and the floor on a ``--naive-instances`` catalogue (default 100,000);
+11. scale: the full load again at each ``--scale`` size (default 3,000,000).
 
 The floors and the merge's own timers also give what this machine allows the full load to
 floor ratio (``bounds``): the least a full load that merges a level after pulling it can take;
@@ -54,6 +56,7 @@ from benchmarks.fixtures import (
     BASE_TIME,
     B,
     BenchSource,
+    C,
     Server,
     Shape,
     connect,
@@ -91,6 +94,11 @@ class Options:
     """Floor + full load pairs per source; the full-load-to-floor targets are judged on their medians."""
     sequential: bool
     """A full load of each catalogue with every task one after another, as ``airflow dags test`` runs them."""
+    c_instances: int
+    """Size of C's catalogue (B's shape); 0: C is not measured."""
+    c_page_size: int
+    """C's page size and instance slices: c.yaml's (C serves at most 500 records a page)."""
+    c_slices: int
     keep: bool
     results_dir: Path
     plugins: str
@@ -123,7 +131,15 @@ def parse_args(argv: list[str] | None) -> Options:
         help="also a full load of each catalogue with every task one after another, as `airflow dags test` runs"
         " them, into a fresh A (default: on)",
     )
-    p.add_argument("--quick", action="store_true", help="small sizes (20k, scale 60k, naive 5k): a few minutes less")
+    p.add_argument(
+        "--c-instances",
+        type=int,
+        default=None,
+        help="size of C's catalogue, 0 to skip C (default: as --instances, so as many records as B's)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes (20k, C 20k, scale 60k, naive 5k): a few minutes less"
+    )
     p.add_argument("--keep", action="store_true", help="keep the databases (medsync_bench_<pid>_*)")
     p.add_argument("--profile", action="store_true", help="profile every task (pyinstrument) next to the results")
     p.add_argument(
@@ -135,6 +151,7 @@ def parse_args(argv: list[str] | None) -> Options:
     from medsync.config import load_source_config
 
     b_cfg = load_source_config(ROOT / "include" / "sources" / "b.yaml")
+    c_cfg = load_source_config(ROOT / "include" / "sources" / "c.yaml")
     instances, scale, naive = a.instances, a.scale, a.naive_instances
     if a.quick:
         instances, scale, naive = 20_000, "60000", 5_000
@@ -148,6 +165,9 @@ def parse_args(argv: list[str] | None) -> Options:
         incremental_fraction=a.incremental_fraction,
         pairs=max(1, a.pairs),
         sequential=a.sequential,
+        c_instances=instances if a.c_instances is None else max(0, a.c_instances),
+        c_page_size=c_cfg.page_size,
+        c_slices=c_cfg.instance_slices,
         keep=a.keep,
         results_dir=a.results_dir,
         plugins=a.plugins,
@@ -205,6 +225,7 @@ class Bench:
         )
         self.results["startup_seconds"] = round(self.workers.start(), 2)
         self.main_catalogue(tmp)
+        self.results["c"] = self.c_catalogue(tmp)
         self.naive(tmp)
         self.results["scale"] = [self.scale(tmp, n) for n in opts.scale]
         self.results["load_after"] = _load()
@@ -216,7 +237,9 @@ class Bench:
     def serve(self, source: BenchSource, instances: int, folder: Path) -> Iterator[Served]:
         """``source``'s simulator holding about ``instances`` instances, read with the run's page size and slices
         (its config set up for them in ``folder``)."""
-        page_size, slices = self.opts.page_size, self.opts.slices
+        page_size, slices = (
+            (self.opts.page_size, self.opts.slices) if source is B else (self.opts.c_page_size, self.opts.c_slices)
+        )
         shape = Shape.for_instances(instances)
         include = include_dir(folder, source, page_size=page_size, instance_slices=slices)
         with source.simulator(shape) as server:
@@ -246,6 +269,23 @@ class Bench:
 
             self.results["incremental"] = self.incremental(workers, conn, served)
             self.results["slices"] = [self.sliced_pull(workers, conn, served, k) for k in opts.slice_counts]
+            self.results["catalogue"]["simulator_peak_rss_mb"] = measure.process_peak_rss_mb(server.pid)
+
+    def c_catalogue(self, tmp: Path) -> dict[str, Any]:
+        """C's full load measured as B's: the floor and the full load in pairs, and tasks one after another."""
+        if not self.opts.c_instances:
+            return {"skipped": "--c-instances 0"}
+        with self.serve(C, self.opts.c_instances, tmp / "include-c") as served:
+            shape = served.shape
+            out: dict[str, Any] = {
+                "catalogue": {"instances": shape.instances, "records": shape.records, **shape.per_level},
+                "page_size": served.page_size,
+                "slices": served.slices,
+            }
+            out.update(self.full_loads(served))
+            # C's simulator computes its base records on demand: its memory should stay small at any size.
+            out["catalogue"]["simulator_peak_rss_mb"] = measure.process_peak_rss_mb(served.server.pid)
+        return out
 
     def full_loads(self, served: Served, first: FullLoad | None = None) -> dict[str, Any]:
         """The floor and the full load ``--pairs`` times (``first``, if given, is one), each full load into a
@@ -641,7 +681,7 @@ def full_load_bound(loads: dict[str, Any]) -> dict[str, Any]:
 def bounds(r: dict[str, Any]) -> dict[str, Any]:
     """What this machine allows the full load to floor ratio, and the naive baseline, from figures of the same run.
 
-    ``full_load``: a level is merged after its pull (the DAG's
+    ``full_load`` (and ``c_full_load``, C's): a level is merged after its pull (the DAG's
     order), so a full load takes at least the instance level's floor plus the time it takes to
     insert the instance rows into A's table; ``insert_seconds`` is the full load's own (its
     merge sessions' seconds inside ``INSERT INTO imaging.instance``, over the number of
@@ -659,6 +699,8 @@ def bounds(r: dict[str, Any]) -> dict[str, Any]:
             "max_speed_up": naive["naive"]["seconds"] / naive["floor"]["seconds"],
         },
     }
+    if "full_load" in r["c"]:
+        out["c_full_load"] = full_load_bound(r["c"])
     return out
 
 
@@ -761,6 +803,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": growth <= 1.1,
             }
         )
+    if "full_load" in r["c"]:
+        out += load_targets(r["c"], r["bounds"]["c_full_load"], label="C: ")
     return out
 
 

@@ -147,6 +147,32 @@ def _median_floor(loads: dict[str, Any]) -> float:
     return float(statistics.median(p["floor_seconds"] for p in loads["pairs"]))
 
 
+def _c_lines(r: dict[str, Any]) -> list[str]:
+    """C's full load measured as B's: its own block, every ratio against C's own floor and full load."""
+    c = r["c"]
+    if "skipped" in c:
+        return [f"C: not run ({c['skipped']})"]
+    cat, floor_s = c["catalogue"], _median_floor(c)
+    runs = [
+        Run("C floor: fetch + raw COPY", c["floor"], floor_s, written=False),
+        Run("C full load, pulls in parallel", c["full_load"], floor_s),
+    ]
+    if "sequential" in c:
+        runs.append(Run("C full load, tasks one after another", c["sequential"], floor_s))
+    out = [
+        f"C: {cat['instances']:,} instances ({cat['records']:,} records in 4 levels), page size {c['page_size']},"
+        f" instance slices {c['slices']}; C simulator without its rate limit (peak RSS"
+        f" {cat['simulator_peak_rss_mb']:.0f} MB)",
+        *_run_grid(runs, c["full_load"]["seconds"]),
+        "",
+        *_level_grid("C full load, per level", c["full_load"]),
+        "",
+        *_pull_vs_floor_grid(c, c["slices"], "C "),
+        *_pairs_line(c, "C: "),
+    ]
+    return out
+
+
 def render(r: dict[str, Any]) -> str:
     full = r["full_load"]
     cat = r["catalogue"]
@@ -155,7 +181,8 @@ def render(r: dict[str, Any]) -> str:
         f"medsync benchmark {r['started_at']}: {cat['instances']:,} instances ({cat['records']:,} records in 4 levels),"
         f" page size {opts['page_size']}, instance slices {opts['slices']}",
         f"machine: {r['machine']['cpus']} CPUs, PostgreSQL {r['machine']['postgresql']}, load average "
-        f"{r['load_before'][0]} before / {r['load_after'][0]} after; B simulator without its rate limit",
+        f"{r['load_before'][0]} before / {r['load_after'][0]} after; B simulator without its rate limit (peak RSS"
+        f" {cat['simulator_peak_rss_mb']:.0f} MB)",
         f"worker start-up (Airflow and medsync imported once per worker; excluded from every time below): "
         f"{r['startup_seconds']:.1f} s",
         "",
@@ -242,6 +269,8 @@ def render(r: dict[str, Any]) -> str:
         f" more than naive {most['naive_seconds']:.1f} s / floor of the same catalogue {most['floor_seconds']:.1f} s"
         f" = {most['max_speed_up']:.1f}x faster here"
     )
+
+    out += ["", *_c_lines(r)]
 
     out.append("")
     out.append("targets")

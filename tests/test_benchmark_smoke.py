@@ -1,7 +1,7 @@
 """A tiny run of the benchmark (``python -m benchmarks``, i.e. ``make bench``), so that it keeps working.
 
-The real harness end to end, as ``make bench`` runs it: simulator, databases, a task process
-per task, every phase, on a few thousand instances. Timings are never asserted:
+The real harness end to end, as ``make bench`` runs it: B's and C's simulators, databases, a
+task process per task, every phase, on a few thousand instances. Timings are never asserted:
 the benchmark is not a test. What is asserted is what the harness checks by itself (rows in
 A, rows written by no-change re-syncs) and that it produced its table and JSON. The run also
 loads the catalogue with dlt (``benchmarks.peers``, its own virtualenv under ``build/``, made on
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None:
     args = ["--instances", "4000", "--scale", "8000", "--naive-instances", "2000", "--slice-counts", "1,2",
-            "--slices", "2", "--pairs", "2", "--results-dir", str(tmp_path)]  # fmt: skip
+            "--slices", "2", "--pairs", "2", "--c-instances", "4000", "--results-dir", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True, timeout=420, check=False
     )
@@ -35,7 +35,7 @@ def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None
     (saved,) = tmp_path.glob("*.json")
     r = json.loads(saved.read_text())
     shape = {"instances": 4000, "records": 4500, "subject": 20, "study": 80, "sequence": 400, "instance": 4000}
-    assert r["catalogue"] == shape
+    assert {k: v for k, v in r["catalogue"].items() if k != "simulator_peak_rss_mb"} == shape
     assert r["floor"]["records"] == r["full_load"]["records"] == 4500
     assert r["full_load"]["rows"]["matches"] and r["incremental"]["rows"]["matches"]
     assert r["full_load"]["written"]["total_tuples"] == 4500
@@ -66,10 +66,27 @@ def test_benchmark_runs_every_phase_on_a_small_catalogue(tmp_path: Path) -> None
     names = [t["target"] for t in r["targets"]]
     assert not any("naive" in name for name in names)  # issue 14 no longer asks for it
     for level in ("subject", "study", "sequence", "instance"):
-        assert sum(name.startswith(f"{level} pull's records/s at least 2/3") for name in names) == 1
+        for label in ("", "C: "):
+            assert sum(name.startswith(f"{label}{level} pull's records/s at least 2/3") for name in names) == 1
+    assert sum(name.startswith("C: full load within 1.5x the floor") for name in names) == 1
     assert "full load, tasks one after another" in proc.stdout and "pull vs floor" in proc.stdout
     for task in r["full_load"]["tasks"].values():
         assert 0 < task["peak_rss_mb"] < 1000
+
+    # C measured as B: the floor with C's paging, the full loads in pairs and one task after another.
+    c = r["c"]
+    assert {k: v for k, v in c["catalogue"].items() if k != "simulator_peak_rss_mb"} == shape  # B's shape
+    assert 0 < c["catalogue"]["simulator_peak_rss_mb"] < 1000 and 0 < r["catalogue"]["simulator_peak_rss_mb"] < 1000
+    assert c["page_size"] == 500 and c["slices"] == 1  # c.yaml's
+    assert c["floor"]["records"] == c["full_load"]["records"] == 4500
+    assert c["full_load"]["rows"]["source_live"] == {"subject": 20, "study": 80, "sequence": 400, "instance": 4000}
+    assert c["full_load"]["written"]["total_tuples"] == 4500
+    assert len(c["pairs"]) == 2
+    assert_loads_of_one_catalogue(c, instance_slices=1)
+    assert r["bounds"]["c_full_load"]["min_ratio"] == next(
+        t["bound"] for t in r["targets"] if t["target"].startswith("C: ")
+    )
+    assert "C full load, pulls in parallel" in proc.stdout
 
     # Last, so that a machine without PyPI still checks everything else.
     if "skipped" in r["peers"]:

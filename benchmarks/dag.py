@@ -5,23 +5,22 @@ each task is a fresh process forked from it, so every task's time and peak RSS a
 and Airflow's start-up is paid once and reported apart. ``run_sync`` mirrors
 ``medsync.dag_factory``: prepare, then the pulls (all levels at once, the instance pull split
 into time slices), the merges parents first (each after its pulls and the previous merge),
-check_files, report, finish.
+check_files, report, finish. With ``one_by_one`` the same graph runs one task at a time, in
+the order ``airflow dags test`` runs it (``one_after_another``).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from benchmarks.worker import Outcome, run
 from medsync.config import LEVELS
 from medsync.windows import RunFacts
-
-SOURCE = "b"
 
 
 class BenchError(RuntimeError):
@@ -100,7 +99,7 @@ class Workers:
                 for task in [t for t in waiting.values() if all(a in done for a in t.after)]:
                     del waiting[task.name]
                     ours, theirs = self._ctx.Pipe(duplex=False)
-                    proc = self._ctx.Process(
+                    proc: multiprocessing.process.BaseProcess = self._ctx.Process(
                         target=run,
                         args=(theirs, task.name, task.target, task.kwargs, self.env, self.log_path),
                         name=f"bench-{task.name}",
@@ -141,16 +140,16 @@ class Workers:
 
 
 def sync_graph(
-    run_id: int, instance_slices: int, levels: Iterable[str] = LEVELS, *, pulls_only: bool = False
+    run_id: int, instance_slices: int, levels: Iterable[str] = LEVELS, *, source: str = "b", pulls_only: bool = False
 ) -> list[Task]:
-    """The DAG's tasks after prepare, with the DAG's dependencies (``medsync.dag_factory``)."""
+    """``source``'s DAG's tasks after prepare, with the DAG's dependencies (``medsync.dag_factory``)."""
     tasks: list[Task] = []
     previous_merge: tuple[str, ...] = ()
     for level in levels:
         slices = instance_slices if level == "instance" else 1
         pulls = tuple(f"pull_{level}" + (f"_{i}" if slices > 1 else "") for i in range(slices))
         for i, name in enumerate(pulls):
-            kwargs = {"source": SOURCE, "level": level, "run_id": run_id, "slice_index": i, "slices": slices}
+            kwargs = {"source": source, "level": level, "run_id": run_id, "slice_index": i, "slices": slices}
             tasks.append(Task(name, "medsync.tasks:pull", kwargs))
         if pulls_only:
             continue
@@ -159,29 +158,57 @@ def sync_graph(
             Task(
                 merge,
                 "medsync.tasks:merge",
-                {"source": SOURCE, "level": level, "run_id": run_id},
+                {"source": source, "level": level, "run_id": run_id},
                 after=(*pulls, *previous_merge),
             )
         )
         previous_merge = (merge,)
     if not pulls_only:
-        ids = {"source": SOURCE, "run_id": run_id}
+        ids = {"source": source, "run_id": run_id}
         tasks.append(Task("check_files", "medsync.tasks:check_files", ids, after=previous_merge))
         tasks.append(Task("report", "medsync.tasks:report", ids, after=("check_files",)))
         tasks.append(Task("finish", "medsync.tasks:finish", ids, after=("report",)))
     return tasks
 
 
-def prepare(workers: Workers, dag_run_id: str, facts: RunFacts) -> TaskRun:
-    return workers.run_one("medsync.tasks:prepare", source=SOURCE, dag_run_id=dag_run_id, facts=facts)
+def one_after_another(tasks: Sequence[Task]) -> list[Task]:
+    """``tasks`` chained, each after the one before, in the order ``airflow dags test`` runs a DAG.
+
+    ``DAG.test`` loops: it schedules every task whose upstream tasks are done, runs those one at
+    a time, and looks again. So the order is the graph's waves, each wave's tasks in turn (here
+    in the graph's own order; ``DAG.test`` takes a wave in no set order, which changes nothing
+    when every task runs alone).
+    """
+    done: set[str] = set()
+    order: list[Task] = []
+    while len(order) < len(tasks):
+        wave = [t for t in tasks if t.name not in done and all(a in done for a in t.after)]
+        if not wave:
+            raise BenchError(
+                f"tasks wait for tasks that are not in the graph: {[t.name for t in tasks if t.name not in done]}"
+            )
+        order += wave
+        done.update(t.name for t in wave)
+    return [replace(task, after=(order[i - 1].name,) if i else ()) for i, task in enumerate(order)]
 
 
-def run_sync(workers: Workers, dag_run_id: str, facts: RunFacts, instance_slices: int) -> SyncRun:
-    """One whole DAG run; its time runs from prepare's fork to finish's end."""
+def prepare(workers: Workers, source: str, dag_run_id: str, facts: RunFacts) -> TaskRun:
+    return workers.run_one("medsync.tasks:prepare", source=source, dag_run_id=dag_run_id, facts=facts)
+
+
+def run_sync(
+    workers: Workers, source: str, dag_run_id: str, facts: RunFacts, instance_slices: int, *, one_by_one: bool = False
+) -> SyncRun:
+    """One whole DAG run; its time runs from prepare's fork to finish's end.
+
+    ``one_by_one``: every task after the previous one (``one_after_another``) instead of as
+    soon as its upstream tasks are done.
+    """
     began = time.perf_counter()
-    prepared = prepare(workers, dag_run_id, facts)
+    prepared = prepare(workers, source, dag_run_id, facts)
     plan = prepared.result
-    tasks = workers.run_graph(sync_graph(plan["run_id"], instance_slices))
+    graph = sync_graph(plan["run_id"], instance_slices, source=source)
+    tasks = workers.run_graph(one_after_another(graph) if one_by_one else graph)
     seconds = time.perf_counter() - began
     for task in tasks.values():
         task.began += prepared.seconds

@@ -1,6 +1,7 @@
 """What the benchmark checks in A's database: rows there, and rows a run actually wrote.
 
-Rows written are counted two ways, both by PostgreSQL rather than by medsync's own counts:
+A's rows are checked against the source's own counts (its ``api.counts`` endpoint: B's
+``/counts``, C's ``/stats``). Rows written are counted two ways, both by PostgreSQL rather than by medsync's own counts:
 the tuples inserted, updated (HOT or not) and deleted in ``pg_stat_user_tables``, and the
 rows whose ``xmin`` (the transaction that wrote the row version) is newer than the run.
 """
@@ -17,7 +18,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks.fixtures import API_KEY, RESOURCES
+from benchmarks import floor
+from benchmarks.fixtures import Server
 from medsync.config import LEVELS
 from medsync.levels import spec
 from medsync.schema import A_SCHEMA
@@ -29,12 +31,12 @@ def _tables() -> dict[str, str]:
     return {level: spec(level).table for level in LEVELS}
 
 
-def a_rows(conn: psycopg.Connection, source: str = "b") -> dict[str, dict[str, int]]:
+def a_rows(conn: psycopg.Connection, source: str) -> dict[str, dict[str, int]]:
     """Per level, A's rows of ``source``: all, live, and those the source has not deleted.
 
-    The last is what B's live count must equal. It differs from ``live`` when a record B
-    holds live sits under a deleted parent: A stores it deleted (deletion flows down,
-    a-model.md), B counts it. A row counts as deleted by the source when medsync remembers
+    The last is what the source's live count must equal. It differs from ``live`` when a
+    record the source holds live sits under a deleted parent: A stores it deleted (deletion
+    flows down, a-model.md), the source counts it. A row counts as deleted by the source when medsync remembers
     a tombstone of its own for it.
     """
     memory = conn.execute("SELECT to_regclass('medsync.tombstone') IS NOT NULL").fetchone() == (True,)
@@ -56,22 +58,23 @@ def a_rows(conn: psycopg.Connection, source: str = "b") -> dict[str, dict[str, i
     return out
 
 
-def source_live(base_url: str) -> dict[str, int]:
-    """The simulator's live records per level (B's ``GET /counts``)."""
-    request = urllib.request.Request(f"{base_url}/counts", headers={"X-API-Key": API_KEY})
+def source_live(server: Server) -> dict[str, int]:
+    """The simulator's live records per level, from the source's counts endpoint (``api.counts``)."""
+    counts_api = server.source.api["counts"]
+    request = urllib.request.Request(f"{server.base_url}{counts_api['endpoint']}", headers=server.source.headers)
     with urllib.request.urlopen(request, timeout=60) as response:
         counts = json.loads(response.read())
-    return {level: int(counts[resource]) for level, resource in RESOURCES.items()}
+    return {level: int(floor.dotted(counts, path)) for level, path in counts_api["paths"].items()}
 
 
-def check_rows(conn: psycopg.Connection, base_url: str) -> dict[str, Any]:
-    """A's rows per level against the source's live records: checked, not assumed.
+def check_rows(conn: psycopg.Connection, server: Server) -> dict[str, Any]:
+    """A's rows of the source per level against the source's live records: checked, not assumed.
 
-    Matches when every record B holds live is a row in A that the source did not delete,
-    and A has no row live that B does not.
+    Matches when every record the source holds live is a row in A that the source did not
+    delete, and A has no row live that the source does not.
     """
-    rows = a_rows(conn)
-    live = source_live(base_url)
+    rows = a_rows(conn, server.source.name)
+    live = source_live(server)
     return {
         "a": rows,
         "source_live": live,
@@ -143,6 +146,15 @@ def process_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_peak_rss_mb(pid: int) -> float:
+    """Peak RSS (``VmHWM``) of process ``pid`` so far, in MB (Linux /proc): a simulator's, say."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 @dataclass

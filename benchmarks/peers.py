@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from benchmarks.dag import BenchError
-from benchmarks.fixtures import API_KEY, RESOURCES, connection_uri
+from benchmarks.fixtures import B, Server, connection_uri
 from benchmarks.measure import CpuProbe, source_live
 from benchmarks.paths import ROOT
 from tests.conftest import create_database, drop_database, dsn_for
@@ -73,18 +73,17 @@ def load(
     python: Path,
     config: str,
     *,
-    base_url: str,
+    server: Server,
     db: str,
     since: datetime,
     until: datetime,
     page_size: int,
     pipelines_dir: Path,
-    simulator_pid: int,
 ) -> dict[str, Any]:
     """One dlt full load of B into ``db`` (a fresh database); its figures, rows checked against ``/counts``."""
     job = {
-        "base_url": base_url,
-        "api_key": API_KEY,
+        "base_url": server.base_url,
+        "api_key": server.source.secret,
         "dsn": _dlt_credentials(db),
         "since": since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),  # RFC 3339, as B's contract asks
         "until": until.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -92,7 +91,7 @@ def load(
         "pipelines_dir": str(pipelines_dir / config),
     }
     pipelines_dir.mkdir(parents=True, exist_ok=True)
-    cpu = CpuProbe.take(simulator_pid)
+    cpu = CpuProbe.take(server.pid)
     began = time.perf_counter()
     done = subprocess.run(
         [str(python), str(SCRIPT), config],
@@ -110,22 +109,22 @@ def load(
     figures["process_seconds"] = wall
     figures["cpu"] = cpu.since()
     with psycopg.connect(dsn_for(db), autocommit=True) as conn:
-        figures["rows"] = check_rows(conn, base_url)
+        figures["rows"] = check_rows(conn, server)
     records = sum(figures["rows"]["stored"].values())
     figures["records"] = records
     figures["records_per_s"] = records / figures["seconds"]
     return figures
 
 
-def check_rows(conn: psycopg.Connection, base_url: str) -> dict[str, Any]:
+def check_rows(conn: psycopg.Connection, server: Server) -> dict[str, Any]:
     """dlt's tables against B's live records: per level, stored rows, and those not deleted, = ``/counts``."""
-    live = source_live(base_url)
+    live = source_live(server)
     stored: dict[str, int] = {}
     not_deleted: dict[str, int] = {}
-    for level, resource in RESOURCES.items():
+    for level, endpoint in B.resources.items():
         row = conn.execute(
             sql.SQL("SELECT count(*), count(*) FILTER (WHERE deleted IS NOT TRUE) FROM {}").format(
-                sql.Identifier("b", resource)
+                sql.Identifier("b", endpoint.lstrip("/"))
             )
         ).fetchone()
         stored[level], not_deleted[level] = (int(row[0]), int(row[1])) if row else (0, 0)

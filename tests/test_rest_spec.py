@@ -115,8 +115,8 @@ def test_the_spec_imports_nothing_heavy() -> None:
     ("mutate", "expected"),
     [
         (lambda s: s.update(pagination={}), "api.pagination: Extra inputs are not permitted"),
-        (lambda s: s["paging"].update(cursor="x"), "api.paging.link_header.cursor: Extra inputs are not permitted"),
-        (lambda s: s["auth"].update(header="X"), "api.auth.bearer.header: Extra inputs are not permitted"),
+        (lambda s: s["paging"].update(cursor="x"), "api.paging.cursor: Extra inputs are not permitted"),
+        (lambda s: s["auth"].update(header="X"), "api.auth.header: Extra inputs are not permitted"),
         (
             lambda s: s["levels"].update(patients={"endpoint": "/p"}),
             "api.levels.patients: Extra inputs are not permitted",
@@ -131,7 +131,7 @@ def test_the_spec_imports_nothing_heavy() -> None:
         ),
         (
             lambda s: s["deletions"]["key"].update(type="uuid"),
-            "api.deletions.feed.key.type: Extra inputs are not permitted",
+            "api.deletions.key.type: Extra inputs are not permitted",
         ),
         (lambda s: s["paging"].update(type="graphql"), "api.paging: Input tag 'graphql' found using 'type'"),
     ],
@@ -215,12 +215,11 @@ def _drop(mapping: dict[str, Any], key: str) -> None:
         ),
         (
             lambda s: _drop(s["deletions"]["resources"], "sequence"),
-            "api.deletions.feed.resources: resources must name exactly subject, study, sequence, instance: "
-            "missing sequence",
+            "api.deletions.resources: resources must name exactly subject, study, sequence, instance: missing sequence",
         ),
         (
             lambda s: s["deletions"]["resources"].update(sequence="files"),
-            "api.deletions.feed.resources: two levels name the same resource",
+            "api.deletions.resources: two levels name the same resource",
         ),
         (
             lambda s: s["counts"]["paths"].update(series="x"),
@@ -263,6 +262,27 @@ def test_a_level_may_override_the_records_path() -> None:
     assert api.level_records_path("study") == "data"
     section["levels"]["instance"]["records_path"] = None  # the body itself: a cursor cannot be read then
     assert "records_path is needed (none for instance)" in refused(section)
+
+
+def test_locations_are_the_yamls_key_paths_without_pydantics_union_labels() -> None:
+    # pydantic's own location would read api.paging.link_header.cursor, api.deletions.feed,
+    # api.limits.retry_statuses.0.int: none of them is a key of the YAML.
+    section = c_api()
+    section["paging"]["cursor"] = "x"
+    section["deletions"]["resources"]["sequence"] = "files"
+    section["limits"]["retry_statuses"] = ["teapot"]
+    message = refused(section)
+    assert "api.paging.cursor: Extra inputs" in message
+    assert "api.deletions.resources: two levels" in message
+    assert "api.limits.retry_statuses.0: " in message
+    for label in ("link_header", "deletions.feed", ".int", "literal"):
+        assert label not in message
+    section = c_api()
+    section["expired"] = {"status": 410, "code": "x"}  # a model-level rule: no key of its own
+    assert "api.expired: code_path and code go together" in refused(section)
+    section = c_api()
+    section["paging"] = {"type": "cursor", "cursor_param": "c"}  # a key the YAML lacks is named
+    assert "api.paging.cursor_path: Field required" in refused(section)
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -729,6 +729,64 @@ def test_the_deletion_feed_restarts_from_the_last_deletion_seen(stub: Stub, fake
     assert stub.requests[3].query["modified_from"] == "1793665000000"
 
 
+def test_503_waits_retry_after_in_seconds(stub: Stub, fake: FakeTime) -> None:
+    # C's contract says an HTTP date; RFC 9110 allows seconds too, and the client reads either.
+    stub.script = [error(503, "maintenance", Retry_After="12"), Reply(body=[crec(1)]), NO_DELETIONS]
+    with make_c_client(stub, fake) as client:
+        assert len(list(client.iter_pages("subject", C_SINCE, C_UNTIL))) == 1
+    assert fake.sleeps == [12.0]
+    assert len(stub.requests) == 3
+
+
+def test_a_window_in_epoch_seconds_rounds_outwards(stub: Stub, fake: FakeTime) -> None:
+    section = c_api()
+    section["window"] = {"since_param": "from", "until_param": "to", "format": "epoch_seconds"}
+    stub.script = lambda seen: Reply(body=[])
+    since = C_SINCE + timedelta(milliseconds=500)  # 1793664000.5 s: from 1793664000
+    until = C_UNTIL + timedelta(milliseconds=1)  # 1793667600.001 s: up to 1793667601, exclusive
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        list(client.iter_pages("subject", since, until))
+    lists, feed = stub.requests
+    assert (lists.query["from"], lists.query["to"]) == ("1793664000", "1793667601")
+    assert (feed.query["from"], feed.query["to"]) == ("1793664000", "1793667601")  # the feed uses the lists' window
+
+
+def test_a_deletion_feed_with_its_own_paging_window_records_path_and_params(stub: Stub, fake: FakeTime) -> None:
+    section = c_api()
+    section["deletions"].update(
+        window={"since_param": "deleted_since", "until_param": "deleted_before", "format": "rfc3339"},
+        paging={"type": "cursor", "cursor_param": "after", "cursor_path": "next", "page_size_param": "n"},
+        records_path="result.items",
+        params={"kinds": "all"},
+    )
+
+    def item(resource: str, n: int) -> dict[str, Any]:
+        return {"resource": resource, "uuid": f"00000000-0000-4000-8000-{n:012d}", "deleted": 1793665000000 + n}
+
+    stub.script = [
+        Reply(body=[crec(1)]),  # the list: C's bare array and Link header
+        Reply(body={"result": {"items": [item("files", 1), item("visits", 2)]}, "next": "k1"}),
+        Reply(body={"result": {"items": [item("files", 3)]}, "next": None}),
+    ]
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        pages = list(client.iter_pages("instance", C_SINCE, C_UNTIL))
+    assert [p.deletions for p in pages] == [False, True, True]
+    assert ids(pages, "uuid")[1:] == [
+        ["00000000-0000-4000-8000-000000000001"],
+        ["00000000-0000-4000-8000-000000000003"],
+    ]
+    lists, first, second = stub.requests
+    assert lists.query == {"modified_from": "1793664000000", "modified_to": "1793667600000", "page_size": "2"}
+    assert first.path == "/v2/deletions"
+    assert first.query == {
+        "deleted_since": "2026-11-03T00:00:00.000000Z",
+        "deleted_before": "2026-11-03T01:00:00.000000Z",
+        "kinds": "all",
+        "n": "2",
+    }
+    assert second.query == {**first.query, "after": "k1"}
+
+
 def test_c_counts_come_from_stats(stub: Stub, fake: FakeTime) -> None:
     body = {"participants": 1, "visits": 2, "acquisitions": 3, "files": 4, "as_of": "2026-11-03T01:00:00.000Z"}
     stub.script = [Reply(body=body)]

@@ -76,7 +76,7 @@ def test_cs_section_validates_and_reads_like_the_contract() -> None:
     api = validate_api("rest", c_api(), WHERE)
     assert isinstance(api, RestApi)
     assert isinstance(api.paging, LinkHeaderPaging) and api.paging.page_size_param == "page_size"
-    assert api.limits.retry_after == "http_date" and api.limits.max_page_size == 500
+    assert api.limits.max_page_size == 500
     assert api.level_records_path("subject") is None  # the body is the array
     feed = api.deletions
     assert isinstance(feed, FeedDeletions) and feed.resources["instance"] == "files"
@@ -283,6 +283,12 @@ def test_locations_are_the_yamls_key_paths_without_pydantics_union_labels() -> N
     section = c_api()
     section["paging"] = {"type": "cursor", "cursor_param": "c"}  # a key the YAML lacks is named
     assert "api.paging.cursor_path: Field required" in refused(section)
+
+
+def test_retry_after_is_not_a_key_both_forms_are_always_read() -> None:
+    section = c_api()
+    section["limits"]["retry_after"] = "http_date"
+    assert "api.limits.retry_after: Extra inputs are not permitted" in refused(section)
 
 
 def test_every_problem_is_reported_at_once() -> None:

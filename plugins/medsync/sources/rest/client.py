@@ -830,8 +830,8 @@ class RestClient(SourceClient):
     def _retry_after(self, response: requests.Response) -> float | None:
         """``Retry-After`` in seconds from now; None when absent or unreadable.
 
-        Integer seconds, or an HTTP date (RFC 9110 allows either; ``api.limits.retry_after`` says
-        which the source sends) judged against the response's own ``Date`` header, so the two
+        Integer seconds, or an HTTP date (RFC 9110 allows either, so both are read whatever the
+        source's contract says) judged against the response's own ``Date`` header, so the two
         machines' clocks need not agree.
         """
         value = (response.headers.get("Retry-After") or "").strip()

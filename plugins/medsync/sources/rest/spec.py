@@ -106,14 +106,15 @@ Auth = Annotated[HeaderAuth | BearerAuth | BasicAuth, Field(discriminator="type"
 
 
 class Limits(_Spec):
-    """What the source allows and how it says "later"."""
+    """What the source allows and how it says "later".
+
+    ``Retry-After`` on 429 and 503 is honoured in both of RFC 9110's forms, integer seconds or an
+    HTTP date (judged against the response's own ``Date``, so clocks need not agree), whichever the
+    source sends: there is nothing to declare (the wait is capped at ``max_backoff_seconds``).
+    """
 
     max_page_size: int | None = Field(default=None, ge=1)
     """The largest page the source serves; the config's ``page_size`` is checked against it."""
-    retry_after: Literal["seconds", "http_date"] = "seconds"
-    """The form of ``Retry-After`` on 429/503 the source documents: integer seconds, or an IMF-fixdate
-    HTTP date, judged against the response's own ``Date`` header (so clocks need not agree). The
-    client understands both (RFC 9110 allows either); the wait is capped at ``max_backoff_seconds``."""
     retry_statuses: tuple[int | Literal["5xx"], ...] = (429, "5xx")
     """Statuses retried with backoff (429 and 503 honour ``Retry-After``); ``5xx`` stands for every
     500-599. Default: 429 and every 5xx (B's and C's contracts). Dropped connections and timeouts

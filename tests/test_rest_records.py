@@ -204,3 +204,18 @@ def test_a_required_integer_zero_is_not_empty() -> None:
     rec = outcome(parser, "sequence", series(number=0))
     assert isinstance(rec, StagedRecord) and rec.values[2] == 0
     assert isinstance(outcome(parser, "sequence", series(number=None)), RecordRejected)
+
+
+def test_a_key_with_a_dot_in_it_is_read_whole_when_escaped() -> None:
+    # OData-style keys ("@odata.etag"): one key, not a path of two.
+    spec = api()
+    spec["levels"]["sequence"]["fields"]["description"] = {"path": r"meta.@odata\.etag"}
+    spec["levels"]["sequence"]["fields"]["series_number"] = {"path": r"@odata\.count", "type": "integer"}
+    parser = build(spec)
+    raw = series(meta={"@odata.etag": "W/1", "@odata": {"etag": "wrong"}}, **{"@odata.count": 7})
+    rec = outcome(parser, "sequence", raw)
+    assert isinstance(rec, StagedRecord) and rec.values[2] == 7 and rec.values[-1] == "W/1"
+    bad = outcome(parser, "sequence", series(meta="flat", **{"@odata.count": 7}))
+    assert isinstance(bad, RecordRejected) and bad.reason == "meta: Input should be a valid dictionary"
+    bad = outcome(parser, "sequence", series(**{"@odata.count": "7"}))
+    assert isinstance(bad, RecordRejected) and bad.reason == r"@odata\.count: Input should be a valid integer"

@@ -21,6 +21,8 @@ from medsync.sources.rest.spec import (
     FlagDeletions,
     LinkHeaderPaging,
     RestApi,
+    join_path,
+    path_keys,
 )
 from tests.rest_examples import b_api, c_api
 
@@ -297,3 +299,32 @@ def test_every_problem_is_reported_at_once() -> None:
     section["levels"]["instance"]["fields"]["storage_key"]["convert"] = "nope"
     message = refused(section)
     assert "api.levels.study.fields.bogus" in message and "api.levels.instance.fields.storage_key.convert" in message
+
+
+# --- paths ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "keys"),
+    [
+        ("data", ("data",)),
+        ("error.code", ("error", "code")),
+        (r"@odata\.nextLink", ("@odata.nextLink",)),
+        (r"value.@odata\.etag", ("value", "@odata.etag")),
+        (r"a\\b.c", ("a\\b", "c")),
+        (r"a\\.b", ("a\\", "b")),
+    ],
+)
+def test_a_dot_inside_a_key_is_escaped_with_a_backslash(path: str, keys: tuple[str, ...]) -> None:
+    assert path_keys(path) == keys
+    assert join_path(keys) == path
+    section = c_api()
+    section["levels"]["study"]["fields"]["description"]["path"] = path
+    validate_api("rest", section, WHERE)
+
+
+@pytest.mark.parametrize("path", ["a..b", ".a", "a.", r"a\b", "a\\", "a b", ""])
+def test_a_malformed_path_is_refused(path: str) -> None:
+    section = c_api()
+    section["levels"]["study"]["fields"]["description"]["path"] = path
+    assert "api.levels.study.fields.description.path: String should match pattern" in refused(section)

@@ -53,6 +53,7 @@ from medsync.sources.rest.spec import (
     RestApi,
     TimeFormat,
     WindowSpec,
+    path_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -201,13 +202,14 @@ def parse_moment(value: object, form: TimeFormat) -> datetime:
 
 
 def json_getter(path: str | None) -> Callable[[Any], Any]:
-    """A function reading dotted ``path`` (``error.code``) from decoded JSON; ``_MISSING`` when absent.
+    """A function reading dotted ``path`` (``error.code``, ``@odata\\.nextLink``) from decoded JSON;
+    ``_MISSING`` when absent.
 
     ``None`` reads the value itself.
     """
     if path is None:
         return lambda value: value
-    keys = tuple(path.split("."))
+    keys = path_keys(path)
     if len(keys) == 1:
         key = keys[0]
         return lambda value: value.get(key, _MISSING) if type(value) is dict else _MISSING

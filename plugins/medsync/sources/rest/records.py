@@ -49,6 +49,8 @@ from medsync.sources.rest.spec import (
     ParentSpec,
     RestApi,
     VersionSpec,
+    join_path,
+    path_keys,
 )
 
 DELETION_ITEM = "medsync_deletion_item"
@@ -68,7 +70,7 @@ Getter = Callable[[dict[str, Any]], Any]
 
 def _getter(path: str) -> Getter:
     """A reader of ``path`` (dotted); an intermediate that is not an object is a shape error."""
-    parts = tuple(path.split("."))
+    parts = path_keys(path)
     if len(parts) == 1:
         name = parts[0]
 
@@ -83,7 +85,7 @@ def _getter(path: str) -> Getter:
             if node is None:
                 return _MISSING
             if type(node) is not dict:
-                raise _Refused(f"{'.'.join(parts[:depth])}: Input should be a valid dictionary")
+                raise _Refused(f"{join_path(parts[:depth])}: Input should be a valid dictionary")
             node = node.get(part, _MISSING)
             if node is _MISSING:
                 return _MISSING
@@ -197,10 +199,11 @@ class _Input:
 
     def fast(self) -> Getter:
         """Extract, required and check in one call; raises on any problem (the explaining path says which)."""
-        if self.kind != "other" and "." not in self.path:
+        keys = path_keys(self.path)
+        if self.kind != "other" and len(keys) == 1:  # a top-level key: read inline
             if self.bounds is not None:
-                return _fast_integer(self.path, self.required, self.bounds)
-            return _fast_plain(self.path, self.kind, self.required, self.bare_check or self.check)
+                return _fast_integer(keys[0], self.required, self.bounds)
+            return _fast_plain(keys[0], self.kind, self.required, self.bare_check or self.check)
         extract, required, check = self.extract, self.required, self.check
         if check is None and not required:
             return extract

@@ -7,7 +7,7 @@ columns, a feed naming every level's resource) are checked here, so a config err
 ``include/sources/c.yaml: api.levels.instance.fields.storage_key.convert: ...``.
 
 Paths into JSON (``path``, ``records_path``, ``cursor_path``, ...) are dotted: ``object.bucket``
-is ``record["object"]["bucket"]``.
+is ``record["object"]["bucket"]``; ``\\.`` is a dot inside a key (:func:`path_keys`).
 
 Imported while DAG files are parsed: pydantic, the standard library and medsync's own light
 ``config``/``levels`` only. (Field docstrings are not turned into schema descriptions:
@@ -26,8 +26,30 @@ from pydantic_core import PydanticCustomError
 from medsync.config import LEVELS
 from medsync.levels import SPECS, Column
 
-JsonPath = Annotated[str, Field(pattern=r"^[^.\s]+(\.[^.\s]+)*$")]
-"""A dotted path into a JSON object: ``data``, ``error.code``, ``name.family``."""
+JsonPath = Annotated[str, Field(pattern=r"^(?:[^.\s\\]|\\[.\\])+(?:\.(?:[^.\s\\]|\\[.\\])+)*$")]
+"""A dotted path into a JSON object: ``data``, ``error.code``, ``name.family``; ``\\.`` is a dot
+inside a key (``@odata\\.nextLink``) and ``\\\\`` a backslash (:func:`path_keys`)."""
+
+_PATH_KEY = re.compile(r"(?:[^.\\]|\\.)+")
+_ESCAPED = re.compile(r"\\(.)")
+
+
+def path_keys(path: str) -> tuple[str, ...]:
+    """The keys a :data:`JsonPath` walks: ``error.code`` -> ``("error", "code")``.
+
+    A key may contain a dot written ``\\.`` (OData's ``@odata\\.nextLink`` is one key) and a
+    backslash written ``\\\\``: the escape of kubectl's, Helm's and gjson's paths. In YAML, single
+    quotes keep a backslash as written (``next_path: '@odata\\.nextLink'``).
+    """
+    if "\\" not in path:
+        return tuple(path.split("."))
+    return tuple(_ESCAPED.sub(r"\1", key) for key in _PATH_KEY.findall(path))
+
+
+def join_path(keys: tuple[str, ...]) -> str:
+    """The :data:`JsonPath` of ``keys``, dots and backslashes in them escaped (``path_keys``' inverse)."""
+    return ".".join(key.replace("\\", "\\\\").replace(".", "\\.") for key in keys)
+
 
 QueryParam = Annotated[str, Field(min_length=1, pattern=r"^[^\s&=#?]+$")]
 """The name of a query parameter."""

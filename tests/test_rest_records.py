@@ -219,3 +219,21 @@ def test_a_key_with_a_dot_in_it_is_read_whole_when_escaped() -> None:
     assert isinstance(bad, RecordRejected) and bad.reason == "meta: Input should be a valid dictionary"
     bad = outcome(parser, "sequence", series(**{"@odata.count": "7"}))
     assert isinstance(bad, RecordRejected) and bad.reason == r"@odata\.count: Input should be a valid integer"
+
+
+def test_a_levels_own_key_and_version_are_read_for_its_records_only() -> None:
+    spec = api()
+    spec["levels"]["sequence"]["key"] = {"path": "meta.ref", "max_length": 8}
+    spec["levels"]["sequence"]["version"] = {"path": "meta.changed", "format": "epoch_seconds"}
+    parser = build(spec)
+    raw = series(meta={"ref": "ser_9", "changed": 1793664000})
+    rec = outcome(parser, "sequence", raw)
+    assert isinstance(rec, StagedRecord) and rec.source_key == "ser_9"
+    assert rec.updated_at == datetime(2026, 11, 3, tzinfo=UTC)
+    bad = outcome(parser, "sequence", series(meta={"ref": "ser_9", "changed": "2026-11-03T00:00:00Z"}))
+    assert isinstance(bad, RecordRejected) and bad.reason.startswith("meta.changed: Value error")
+    # Other levels keep the section's key and version.
+    study = {"id": "stu_1", "updated_at": UPDATED, "deleted": False, "patient_id": "pat_1", "study_uid": "1.2",
+             "status": "COMPLETED"}  # fmt: skip
+    rec = outcome(parser, "study", study)
+    assert isinstance(rec, StagedRecord) and rec.source_key == "stu_1"

@@ -19,6 +19,7 @@ from medsync.sources.rest.spec import (
     CursorPaging,
     FeedDeletions,
     FlagDeletions,
+    LastRecordPaging,
     LinkHeaderPaging,
     RestApi,
     join_path,
@@ -328,3 +329,100 @@ def test_a_malformed_path_is_refused(path: str) -> None:
     section = c_api()
     section["levels"]["study"]["fields"]["description"]["path"] = path
     assert "api.levels.study.fields.description.path: String should match pattern" in refused(section)
+
+
+# --- per-level settings, order, windows, the paging of other API styles -----------------------------
+
+
+def test_a_level_may_override_key_version_window_and_order() -> None:
+    section = c_api()
+    section["levels"]["study"].update(
+        key={"path": "ref"},
+        version={"path": "changed"},
+        window={"since_param": "changed_since"},
+        order="unsorted",
+    )
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi)
+    assert (api.level_key("study").path, api.level_version("study").path) == ("ref", "changed")
+    assert api.level_window("study").since_param == "changed_since" and not api.level_window("study").sends("until")
+    assert (api.level_order("study"), api.level_order("subject")) == ("unsorted", "version_ascending")
+    assert api.level_key("subject").path == "uuid" and api.level_window("subject").sends("until")
+    assert api.feed().order == "version_ascending" and api.feed_window() == api.window
+
+
+def test_key_version_and_window_may_be_given_per_level_only() -> None:
+    section = c_api()
+    for what in ("key", "version", "window"):
+        value = section.pop(what)
+        for level in section["levels"].values():
+            level[what] = value
+    section["deletions"]["window"] = {"since_param": "deleted_from", "until_param": "deleted_to"}
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.key is None and api.level_key("instance").format == "uuid"
+    assert api.feed_window().since_param == "deleted_from"
+    del section["levels"]["study"]["version"]
+    del section["levels"]["sequence"]["version"]
+    assert "api: version is needed here or in every level (not in study, sequence)" in refused(section)
+    section = c_api()
+    del section["window"]
+    for level in section["levels"].values():
+        level["window"] = {"since_param": "from"}
+    assert "api: deletions: the feed needs its own window when the section has none" in refused(section)
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        ({"until_param": "to"}, "api.window: the lower bound is sent nowhere"),
+        ({"templates": {"$filter": "Modified lt {until}"}}, "api.window: the lower bound is sent nowhere"),
+        ({"templates": {"$filter": "Modified ge {since"}}, "api.window.templates: $filter: "),
+        ({"templates": {"$filter": "Modified ge {start}"}}, "only {since} and {until} can be filled in, got {start}"),
+        ({"templates": {"$filter": "Modified ge {since!r}"}}, "only {since} and {until} can be filled in"),
+        ({"templates": {"$filter": "Modified ge {since:%Y}"}}, "only {since} and {until} can be filled in"),
+        ({"templates": {"$filter": "Kind eq 'x'"}}, "names neither {since} nor {until}; a fixed parameter goes"),
+    ],
+)
+def test_a_window_must_send_its_lower_bound_and_templates_fill_in_only_the_bounds(
+    window: dict[str, Any], expected: str
+) -> None:
+    section = c_api()
+    section["window"] = window
+    assert expected in refused(section)
+
+
+def test_a_window_template_may_carry_both_bounds_or_the_lower_one_only() -> None:
+    section = c_api()
+    section["window"] = {"templates": {"$filter": "Modified ge {since} and Modified lt {until}"}}
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.window is not None
+    assert api.window.sends("since") and api.window.sends("until")
+    section["window"] = {"templates": {"q": "updated:>={since}"}, "until_param": None}
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.window is not None and not api.window.sends("until")
+
+
+def test_last_record_paging_reads_the_body() -> None:
+    section = c_api()
+    section["paging"] = {"type": "last_record", "cursor_param": "starting_after", "has_more_path": "has_more"}
+    assert "paging last_record reads the body, so the records are in it" in refused(section)
+    section["records_path"] = "data"
+    section["deletions"]["records_path"] = "data"
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and isinstance(api.paging, LastRecordPaging) and api.paging.cursor_path is None
+
+
+def test_order_and_absent_keys_are_explicit_options() -> None:
+    section = c_api()
+    section["order"] = "descending"
+    assert "api.order: Input should be 'version_ascending' or 'unsorted'" in refused(section)
+    section = c_api()
+    section["paging"] = {"type": "next_link", "next_path": "links.next", "absent_on_last_page": True}
+    section["records_path"] = "data"
+    section["empty_page_omits_records"] = True
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.empty_page_omits_records and api.feed_omits_records()
+    section["deletions"]["empty_page_omits_records"] = False
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and not api.feed_omits_records()
+    assert validate_api("rest", b_api(), WHERE).order == "version_ascending"  # type: ignore[attr-defined]

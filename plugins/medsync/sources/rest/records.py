@@ -533,10 +533,11 @@ class _LevelParser:
     def __init__(self, api: RestApi, level: str, mapping: Mapping, buckets: Buckets) -> None:
         level_api = api.levels[level]
         deletions = api.deletions
+        key, version = api.level_key(level), api.level_version(level)
         if isinstance(deletions, FlagDeletions | DeletedAtDeletions):
-            self.envelope = _Envelope.of(api.key, api.version, deletions.type, deletions.path)
+            self.envelope = _Envelope.of(key, version, deletions.type, deletions.path)
         else:
-            self.envelope = _Envelope.of(api.key, api.version, "live")
+            self.envelope = _Envelope.of(key, version, "live")
         self.feed: _Envelope | None = None
         self.feed_resource: str | None = None
         self.resource_get: Getter | None = None

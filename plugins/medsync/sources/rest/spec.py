@@ -17,6 +17,7 @@ pydantic's ``use_attribute_docstrings`` reads the source at import, 0.1 s more p
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
@@ -175,19 +176,70 @@ class VersionSpec(_Spec):
     format: TimeFormat = "rfc3339"
 
 
+Order = Literal["version_ascending", "unsorted"]
+"""How a listing is sorted: ``version_ascending`` (by the version, oldest first; ties in any
+order), or ``unsorted`` (any other order, or none the contract promises)."""
+
+_WINDOW_PLACEHOLDERS = frozenset({"since", "until"})
+
+
 class WindowSpec(_Spec):
     """The query parameters bounding a list by version: ``since <= version < until``.
 
-    Both are sent on every list request (never open-ended).
+    The lower bound is sent on every list request, in ``since_param`` or in a template (never
+    open-ended). The upper one is sent when ``until_param`` or a template names it; a source that
+    takes no upper bound (GitHub's ``since``) has its records at or after ``until`` dropped by the
+    client, which then reads the listing to its end, or, when the listing is declared
+    ``order: version_ascending``, stops after the first page that reaches ``until``.
     """
 
-    since_param: QueryParam
-    """The inclusive lower bound."""
-    until_param: QueryParam
-    """The exclusive upper bound."""
+    since_param: QueryParam | None = None
+    """The inclusive lower bound's parameter."""
+    until_param: QueryParam | None = None
+    """The exclusive upper bound's parameter; none: the source takes no upper bound."""
+    templates: dict[QueryParam, str] = Field(default_factory=dict)
+    """Parameters whose value is a template over ``{since}`` and ``{until}`` (the bounds, written in
+    ``format``), for an API whose window is an expression: OData's ``$filter: "Modified ge {since}
+    and Modified lt {until}"``. ``{{`` and ``}}`` are literal braces."""
     format: TimeFormat = "rfc3339"
     """How the bounds are written: RFC 3339 in UTC with microseconds, or integer epoch seconds or
     milliseconds (the lower bound rounded down, the upper one up: nothing in the window is missed)."""
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_name_the_bounds(cls, value: dict[str, str]) -> dict[str, str]:
+        for param, template in value.items():
+            if not _placeholders(template, param):
+                raise _invalid(f"{param}: names neither {{since}} nor {{until}}; a fixed parameter goes in params")
+        return value
+
+    @model_validator(mode="after")
+    def _since_is_sent(self) -> WindowSpec:
+        if not self.sends("since"):
+            raise _invalid("the lower bound is sent nowhere: give since_param, or a template with {since}")
+        return self
+
+    def sends(self, bound: Literal["since", "until"]) -> bool:
+        """Whether the ``since`` or ``until`` bound is in the requests (its parameter or a template)."""
+        if (self.since_param if bound == "since" else self.until_param) is not None:
+            return True
+        return any(bound in _placeholders(template, param) for param, template in self.templates.items())
+
+
+def _placeholders(template: str, param: str) -> frozenset[str]:
+    """The placeholders of a window template; only ``{since}`` and ``{until}``, unformatted."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise _invalid(f"{param}: {exc} (a literal brace is written {{{{ or }}}})") from None
+    named: set[str] = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in _WINDOW_PLACEHOLDERS or spec or conversion:
+            raise _invalid(f"{param}: only {{since}} and {{until}} can be filled in, got {{{name}}}")
+        named.add(name)
+    return frozenset(named)
 
 
 # --- paging ----------------------------------------------------------------------------------------
@@ -196,7 +248,8 @@ class WindowSpec(_Spec):
 class CursorPaging(_Spec):
     """The body carries an opaque cursor (a string) for the next page; null or empty on the last.
 
-    A body without the cursor's key is not a page of this API: the pull fails.
+    A body without the cursor's key is not a page of this API (the pull fails), unless
+    ``absent_on_last_page`` says the source leaves it out on the last page.
     """
 
     type: Literal["cursor"]
@@ -206,14 +259,22 @@ class CursorPaging(_Spec):
     """The cursor's path in the body."""
     page_size_param: QueryParam | None = None
     """The query parameter of the page size (the config's ``page_size``); none: the source's default."""
+    absent_on_last_page: bool = False
+    """The last page leaves the cursor's key out instead of sending null; false: an absent key fails the pull."""
 
 
 class NextLinkPaging(_Spec):
-    """The body carries the next page's URL (absolute or relative to the request's); null on the last."""
+    """The body carries the next page's URL (absolute or relative to the request's); null on the last.
+
+    An absent link fails the pull unless ``absent_on_last_page`` says the source leaves it out on
+    the last page (JSON:API's ``links.next``, HAL's ``_links.next.href``).
+    """
 
     type: Literal["next_link"]
     next_path: JsonPath
     page_size_param: QueryParam | None = None
+    absent_on_last_page: bool = False
+    """The last page leaves the link (or an object on its path) out instead of sending null."""
 
 
 class LinkHeaderPaging(_Spec):
@@ -247,16 +308,35 @@ class PageNumberPaging(_Spec):
     """The path of the number of pages in the body, when the source gives one."""
 
 
+class LastRecordPaging(_Spec):
+    """The next page starts after the last record of this one: Stripe's ``starting_after=<last id>``.
+
+    The body says whether more pages follow (``has_more_path``, a boolean): the last page says
+    false. An empty page also ends the listing (there is no record to continue after).
+    """
+
+    type: Literal["last_record"]
+    cursor_param: QueryParam
+    """The query parameter the last record's cursor is sent in (``starting_after``)."""
+    cursor_path: JsonPath | None = None
+    """The cursor's path in the last record (a string or an integer); none: the record's key."""
+    has_more_path: JsonPath
+    """The path of the body's "more pages follow" boolean (``has_more``)."""
+    page_size_param: QueryParam | None = None
+
+
 Paging = Annotated[
-    CursorPaging | NextLinkPaging | LinkHeaderPaging | OffsetPaging | PageNumberPaging, Field(discriminator="type")
+    CursorPaging | NextLinkPaging | LinkHeaderPaging | OffsetPaging | PageNumberPaging | LastRecordPaging,
+    Field(discriminator="type"),
 ]
 
 
 class ExpiredSpec(_Spec):
     """How the source says the paging state (cursor, snapshot) expired.
 
-    The client then restarts the window without it, from the last version seen (inclusive), so
-    nothing is skipped; records are seen again. Too many restarts without progress fail the pull.
+    The client then restarts the window without it: from the last version seen (inclusive) when
+    the listing is declared ``order: version_ascending``, else from the window's start; either way
+    nothing is skipped and records are seen again. Too many restarts without progress fail the pull.
     """
 
     status: int = Field(ge=400, le=499)
@@ -315,13 +395,19 @@ class FeedDeletions(_Spec):
     version: VersionSpec
     """The deletion's time in an item."""
     window: WindowSpec | None = None
-    """Default: the lists' window."""
+    """Default: the lists' (section-level) window."""
     paging: Paging | None = None
     """Default: the lists' paging."""
     records_path: JsonPath | None = None
     """Where the items are in the body; not given: the lists' ``records_path``; null: the body itself."""
+    empty_page_omits_records: bool | None = None
+    """An empty page leaves ``records_path`` out; default: as the lists say."""
     params: dict[str, str] = Field(default_factory=dict)
     """Fixed query parameters of every feed request (the lists' ``params`` are not sent)."""
+    order: Order = "unsorted"
+    """How the feed is sorted, by the deletion's time (``version`` here). Not inherited from the
+    lists: their order is by another field. ``version_ascending`` lets an expired feed restart
+    where it stopped; ``unsorted`` restarts it from the window's start."""
 
     @field_validator("resources")
     @classmethod
@@ -472,13 +558,25 @@ class LevelFields(_Spec):
 
 
 class LevelApi(_Spec):
-    """One A level's list endpoint and how its records map onto A's columns."""
+    """One A level's list endpoint and how its records map onto A's columns.
+
+    ``key``, ``version``, ``window`` and ``order`` override the section's for this level only (an
+    API whose resources name their modification time differently, or filter by other parameters).
+    """
 
     endpoint: Endpoint
     records_path: JsonPath | None = None
     """Where the records are; not given: the section's ``records_path``; null: the body itself."""
     params: dict[str, str] = Field(default_factory=dict)
     """Fixed query parameters of this level, over the section's ``params`` (a level's value wins)."""
+    key: KeySpec | None = None
+    """Where this level's records have their key; none: the section's ``key``."""
+    version: VersionSpec | None = None
+    """Where this level's records have their version; none: the section's ``version``."""
+    window: WindowSpec | None = None
+    """This level's window parameters; none: the section's ``window``."""
+    order: Order | None = None
+    """How this level's listing is sorted; none: the section's ``order``."""
     parent: ParentSpec | None = None
     """Every child level has one; the top level (subject) none."""
     fields: LevelFields = LevelFields()
@@ -581,13 +679,24 @@ class RestApi(_Spec):
     base_path: str = Field(default="", pattern=r"^(/[^\s?#]*)?$")
     """Appended to the connection's URL when that has no path (a bare host, or a URL ending at the host)."""
     limits: Limits = Limits()
-    key: KeySpec
-    version: VersionSpec
-    window: WindowSpec
+    key: KeySpec | None = None
+    """Where a record's key is; may be left out when every level says its own."""
+    version: VersionSpec | None = None
+    """Where a record's version is; may be left out when every level says its own."""
+    window: WindowSpec | None = None
+    """The lists' window parameters; may be left out when every level (and a feed) says its own."""
+    order: Order = "unsorted"
+    """How the lists are sorted. ``version_ascending`` (by ``version``, oldest first) lets a window
+    whose cursor or snapshot expired restart at the last version received, and a window without an
+    upper bound stop at ``until``; ``unsorted`` restarts from the window's start and reads an
+    unbounded listing to its end."""
     params: dict[str, str] = Field(default_factory=dict)
     """Fixed query parameters of every list request (e.g. ``include_deleted: "true"``)."""
     records_path: JsonPath | None = None
     """Where a list page's records are (``data``); none: the body is the array."""
+    empty_page_omits_records: bool = False
+    """An empty page leaves ``records_path`` out altogether (Spring Data REST's HAL ``_embedded``):
+    an absent records path then reads as no records. False: it fails the pull as a malformed page."""
     paging: Paging
     expired: ExpiredSpec | None = None
     """How the source says a cursor or snapshot expired; none: it never does."""
@@ -599,6 +708,18 @@ class RestApi(_Spec):
     else:
         levels: _LevelsModel
     """Exactly A's four levels: subject, study, sequence, instance."""
+
+    @model_validator(mode="after")
+    def _identity_and_window_everywhere(self) -> RestApi:
+        for what in ("key", "version", "window"):
+            if getattr(self, what) is None:
+                lacking = [level for level in LEVELS if getattr(self.levels[level], what) is None]
+                if lacking:
+                    raise _invalid(f"{what} is needed here or in every level (not in {', '.join(lacking)})")
+        feed = self.deletions
+        if isinstance(feed, FeedDeletions) and feed.window is None and self.window is None:
+            raise _invalid("deletions: the feed needs its own window when the section has none")
+        return self
 
     @model_validator(mode="after")
     def _paging_reads_an_object(self) -> RestApi:
@@ -626,17 +747,55 @@ class RestApi(_Spec):
         """The fixed query parameters of ``level``'s list requests."""
         return {**self.params, **self.levels[level].params}
 
-    def feed_records_path(self) -> str | None:
-        """Where the deletion feed's items are in a page."""
+    def level_key(self, level: str) -> KeySpec:
+        """Where ``level``'s records have their key."""
+        key = self.levels[level].key or self.key
+        assert key is not None  # _identity_and_window_everywhere
+        return key
+
+    def level_version(self, level: str) -> VersionSpec:
+        """Where ``level``'s records have their version."""
+        version = self.levels[level].version or self.version
+        assert version is not None  # _identity_and_window_everywhere
+        return version
+
+    def level_window(self, level: str) -> WindowSpec:
+        """``level``'s window parameters."""
+        window = self.levels[level].window or self.window
+        assert window is not None  # _identity_and_window_everywhere
+        return window
+
+    def level_order(self, level: str) -> Order:
+        """How ``level``'s listing is sorted."""
+        return self.levels[level].order or self.order
+
+    def feed(self) -> FeedDeletions:
+        """The deletion feed; ValueError when deletions are not a feed."""
         feed = self.deletions
         if not isinstance(feed, FeedDeletions):
             raise ValueError("the source has no deletion feed")
+        return feed
+
+    def feed_records_path(self) -> str | None:
+        """Where the deletion feed's items are in a page."""
+        feed = self.feed()
         return feed.records_path if "records_path" in feed.model_fields_set else self.records_path
 
+    def feed_window(self) -> WindowSpec:
+        """The deletion feed's window parameters."""
+        window = self.feed().window or self.window
+        assert window is not None  # _identity_and_window_everywhere
+        return window
 
-def _reads_body(paging: CursorPaging | NextLinkPaging | LinkHeaderPaging | OffsetPaging | PageNumberPaging) -> bool:
+    def feed_omits_records(self) -> bool:
+        """Whether an empty page of the deletion feed leaves its records path out."""
+        omits = self.feed().empty_page_omits_records
+        return self.empty_page_omits_records if omits is None else omits
+
+
+def _reads_body(paging: Paging) -> bool:
     return (
-        isinstance(paging, CursorPaging | NextLinkPaging)
+        isinstance(paging, CursorPaging | NextLinkPaging | LastRecordPaging)
         or (isinstance(paging, OffsetPaging) and paging.total_path is not None)
         or (isinstance(paging, PageNumberPaging) and paging.total_pages_path is not None)
     )

@@ -426,3 +426,50 @@ def test_order_and_absent_keys_are_explicit_options() -> None:
     api = validate_api("rest", section, WHERE)
     assert isinstance(api, RestApi) and not api.feed_omits_records()
     assert validate_api("rest", b_api(), WHERE).order == "version_ascending"  # type: ignore[attr-defined]
+
+
+# --- A's NOT NULL columns ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda s: _drop(s["levels"]["instance"]["fields"], "storage_key"),
+            "api.levels.instance.fields: storage_key is NOT NULL in A's imaging.instance: a field must make it, "
+            "with required: true",
+        ),
+        (
+            lambda s: [_drop(s["levels"]["instance"]["fields"], c) for c in ("storage_key", "sop_instance_uid")],
+            "api.levels.instance.fields: sop_instance_uid, storage_key are NOT NULL in A's imaging.instance",
+        ),
+        (
+            lambda s: _drop(s["levels"]["subject"], "fields"),
+            "api.levels.subject.fields: patient_code is NOT NULL in A's imaging.subject",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"]["storage_key"].update(required=False),
+            "api.levels.instance.fields.storage_key: storage_key is NOT NULL in A's imaging.instance: "
+            "the field needs required: true",
+        ),
+        (
+            lambda s: _drop(s["levels"]["study"]["fields"]["study_uid"], "required"),
+            "api.levels.study.fields.study_uid: study_uid is NOT NULL in A's imaging.study",
+        ),
+        (
+            lambda s: s["levels"]["sequence"]["parent"].update(required=False),
+            "api.levels.sequence.parent: A's imaging.sequence.study_id is NOT NULL: the parent needs required: true",
+        ),
+    ],
+)
+def test_as_not_null_columns_need_a_required_field(mutate: Callable[[dict[str, Any]], None], expected: str) -> None:
+    section = c_api()
+    mutate(section)
+    assert expected in refused(section)
+
+
+def test_vocabulary_columns_are_left_to_the_mapping_and_config_bucket_is_never_null() -> None:
+    section = b_api()
+    assert "status" not in section["levels"]["study"]["fields"]  # NOT NULL, fed by the mapping file
+    assert section["levels"]["instance"]["fields"]["storage_bucket"] == {"convert": "config_bucket"}
+    validate_api("rest", section, WHERE)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Annotated, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -527,7 +527,23 @@ class LevelFields(_Spec):
     """A column -> :class:`FieldSpec`, for the columns of one level only (``medsync.levels.SPECS``).
 
     Read like a dict of the columns given: ``items()``, ``keys()``, ``in``, ``[column]``, ``len``.
+    A's NOT NULL columns that are not vocabulary (the mapping file feeds those) must be given.
     """
+
+    table: ClassVar[str] = ""
+    """A's table of the level, for messages."""
+    needed: ClassVar[tuple[str, ...]] = ()
+    """A's NOT NULL columns of the level that only a field can make."""
+
+    @model_validator(mode="after")
+    def _not_null_columns_are_made(self) -> LevelFields:
+        missing = [column for column in self.needed if column not in self]
+        if missing:
+            raise _invalid(
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} NOT NULL in A's imaging.{self.table}: "
+                f"a field must make {'it' if len(missing) == 1 else 'each'}, with required: true"
+            )
+        return self
 
     def items(self) -> Iterator[tuple[str, FieldSpec]]:
         for column in type(self).model_fields:
@@ -610,13 +626,18 @@ class Levels(_Spec):
         return len(LEVELS)
 
 
-def _column_check(column: Column) -> Callable[[FieldSpec | None], FieldSpec | None]:
+def _column_check(table: str, column: Column) -> Callable[[FieldSpec | None], FieldSpec | None]:
     integer_column = column.pg_type in _INTEGER_COLUMNS
 
     def check(field: FieldSpec | None) -> FieldSpec | None:
-        if field is not None and field.convert is None and (field.type == "integer") != integer_column:
+        if field is None:
+            return None
+        if field.convert is None and (field.type == "integer") != integer_column:
             hint = "; use type: integer or convert: int_string" if integer_column else ""
             raise _invalid(f"type {field.type} does not fit the column's {column.pg_type}{hint}")
+        if not column.nullable and not field.required and field.convert not in _NO_INPUT_CONVERTERS:
+            # A null would fail the merge of the whole batch; required holds the one record back instead.
+            raise _invalid(f"{column.name} is NOT NULL in A's imaging.{table}: the field needs required: true")
         return field
 
     return check
@@ -632,6 +653,10 @@ def _parent_check(level: str) -> Callable[[ParentSpec | None], ParentSpec | None
             return None
         if parent is None:
             raise _invalid(f"a {level} must say how it names its {parent_level} (path, by, required)")
+        if not parent.required:
+            # A's foreign key is NOT NULL: a record without its parent could never be stored.
+            where = f"imaging.{SPECS[level].table}.{SPECS[level].parent_fk}"
+            raise _invalid(f"A's {where} is NOT NULL: the parent needs required: true")
         columns = SPECS[parent_level].column_names
         if parent.by != "source_key" and parent.by not in columns:
             raise _invalid(
@@ -643,13 +668,15 @@ def _parent_check(level: str) -> Callable[[ParentSpec | None], ParentSpec | None
 
 
 def _level_model(level: str) -> type[LevelApi]:
-    columns = SPECS[level].columns
-    fields_model = create_model(  # type: ignore[call-overload]
+    table, columns = SPECS[level].table, SPECS[level].columns
+    fields_model: type[LevelFields] = create_model(  # type: ignore[call-overload]
         f"{level.title()}Fields",
         __base__=LevelFields,
         __doc__=f"The columns of {level}: {', '.join(c.name for c in columns)}.",
-        **{c.name: (Annotated[FieldSpec | None, AfterValidator(_column_check(c))], None) for c in columns},
+        **{c.name: (Annotated[FieldSpec | None, AfterValidator(_column_check(table, c))], None) for c in columns},
     )
+    fields_model.table = table
+    fields_model.needed = tuple(c.name for c in columns if not c.nullable and not c.vocabulary)
     model: type[LevelApi] = create_model(
         f"{level.title()}Api",
         __base__=LevelApi,
@@ -658,7 +685,7 @@ def _level_model(level: str) -> type[LevelApi]:
             Annotated[ParentSpec | None, AfterValidator(_parent_check(level))],
             Field(default=None, validate_default=True),
         ),
-        fields=(fields_model, fields_model()),
+        fields=(fields_model, Field(default_factory=dict, validate_default=True)),  # no fields: NOT NULL ones missing
     )
     return model
 

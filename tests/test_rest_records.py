@@ -237,3 +237,51 @@ def test_a_levels_own_key_and_version_are_read_for_its_records_only() -> None:
              "status": "COMPLETED"}  # fmt: skip
     rec = outcome(parser, "study", study)
     assert isinstance(rec, StagedRecord) and rec.source_key == "stu_1"
+
+
+# --- what a python: converter returns must fit A's column --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("column", "function", "raw", "returned", "takes"),
+    [
+        ("study_at", "medsync.sources.rest.converters:int_string", "1984", "int", "an aware datetime"),
+        ("study_at", "medsync.sources.rest.converters:iso_date", "1984-06-17", "date", "an aware datetime"),
+        ("study_at", "tests.rest_examples:naive_time", "1984", "a naive datetime", "an aware datetime"),
+        ("description", "tests.rest_examples:flag", "1984", "bool", "text"),
+        ("accession_number", "medsync.sources.rest.converters:int_string", "1984", "int", "text"),
+    ],
+)
+def test_a_python_converter_returning_the_wrong_type_holds_the_record_back(
+    column: str, function: str, raw: str, returned: str, takes: str
+) -> None:
+    spec = api()
+    spec["levels"]["study"]["fields"][column] = {"path": "raw", "convert": f"python: {function}"}
+    parser = build(spec)
+    study = {"id": "stu_1", "updated_at": UPDATED, "deleted": False, "patient_id": "pat_1", "study_uid": "1.2",
+             "status": "COMPLETED", "raw": raw}  # fmt: skip
+    bad = outcome(parser, "study", study)
+    assert isinstance(bad, RecordRejected)
+    pg_type = {"study_at": "timestamp with time zone"}.get(column, "text")
+    assert bad.reason == (
+        f"raw: Value error, python converter {function} returned {returned}, but the {column} column ({pg_type}) "
+        f"takes {takes}"
+    )
+    assert raw not in bad.reason  # never the value
+
+
+def test_a_python_converter_returning_the_right_type_is_stored_integers_in_range_text_without_nul() -> None:
+    spec = api()
+    fields = spec["levels"]["sequence"]["fields"]
+    fields["series_number"] = {"path": "number", "convert": "python: tests.rest_examples:huge"}
+    parser = build(spec)
+    bad = outcome(parser, "sequence", series(number=1))
+    assert isinstance(bad, RecordRejected)
+    assert "returned an integer out of range, but the series_number column (integer) takes an integer" in bad.reason
+    fields["series_number"] = {"path": "number", "convert": "python: medsync.sources.rest.converters:int_string"}
+    fields["description"] = {"path": "description", "convert": "python: tests.rest_examples:text_with_nul"}
+    parser = build(spec)
+    rec = outcome(parser, "sequence", series(number="12", description="x"))
+    assert isinstance(rec, StagedRecord) and rec.values[2] == 12 and rec.values[-1] == "ax"
+    rec = outcome(parser, "sequence", series(number=None))
+    assert isinstance(rec, StagedRecord) and rec.values[2] is None

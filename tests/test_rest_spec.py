@@ -473,3 +473,67 @@ def test_vocabulary_columns_are_left_to_the_mapping_and_config_bucket_is_never_n
     assert "status" not in section["levels"]["study"]["fields"]  # NOT NULL, fed by the mapping file
     assert section["levels"]["instance"]["fields"]["storage_bucket"] == {"convert": "config_bucket"}
     validate_api("rest", section, WHERE)
+
+
+# --- a converter's output must fit the column ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("level", "column", "field", "expected"),
+    [
+        (
+            "study",
+            "study_at",
+            {"path": "started", "convert": "dicom_da"},
+            "api.levels.study.fields.study_at: convert: dicom_da makes a date, which the column's timestamp with "
+            "time zone does not store (converters making a timestamp: epoch_millis, epoch_seconds, rfc3339)",
+        ),
+        (
+            "instance",
+            "size_bytes",
+            {"path": "bytes", "convert": "rfc3339"},
+            "api.levels.instance.fields.size_bytes: convert: rfc3339 makes a timestamp, which the column's bigint "
+            "does not store (converters making an integer: int_string)",
+        ),
+        (
+            "subject",
+            "birth_date",
+            {"path": "dob", "convert": "int_string"},
+            "convert: int_string makes an integer, which the column's date does not store",
+        ),
+        (
+            "instance",
+            "content_type",
+            {"path": "mime", "convert": "epoch_millis"},
+            "convert: epoch_millis makes a timestamp, which the column's text does not store (converters making "
+            "text: absolute_key, allowed_bucket, config_bucket, pn_comma, pn_parts, relative_key, uuid_text)",
+        ),
+        (
+            "subject",
+            "birth_date",
+            {"path": "dob"},
+            "api.levels.subject.fields.birth_date: type string does not fit the column's date; use a converter "
+            "(dicom_da, iso_date) or python:",
+        ),
+        (
+            "study",
+            "study_at",
+            {"path": "started", "type": "integer"},
+            "type integer does not fit the column's timestamp with time zone; use a converter",
+        ),
+        ("study", "description", {"path": "label", "type": "boolean"}, "type boolean does not fit the column's text"),
+    ],
+)
+def test_a_converter_or_type_the_column_does_not_store_is_refused(
+    level: str, column: str, field: dict[str, Any], expected: str
+) -> None:
+    section = c_api()
+    section["levels"][level]["fields"][column] = field
+    assert expected in refused(section)
+
+
+def test_a_python_converter_is_not_judged_at_load_time() -> None:
+    # Its output is checked per record instead (test_rest_records).
+    section = c_api()
+    section["levels"]["study"]["fields"]["study_at"] = {"path": "started", "convert": "python: x.y:z"}
+    validate_api("rest", section, WHERE)

@@ -9,8 +9,21 @@ against them before anything is written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, datetime
+from uuid import UUID
 
 from medsync.config import LEVELS
+
+PYTHON_TYPES: dict[str, type] = {
+    "text": str,
+    "character": str,
+    "integer": int,
+    "bigint": int,
+    "date": date,
+    "timestamp with time zone": datetime,
+    "uuid": UUID,
+}
+"""The Python type a value of each of A's column types is staged as (binary COPY takes nothing else)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,11 @@ class Column:
     must make them and hold back a record without a value (``prepare`` checks A's DDL agrees)."""
     vocabulary: bool = False
     """A allows a fixed list of codes (a CHECK ... IN): the source's mapping file feeds it."""
+
+    @property
+    def python_type(self) -> type:
+        """What a value of this column is in Python: ``str``, ``int``, ``date`` or ``datetime`` (aware)."""
+        return PYTHON_TYPES[self.pg_type]
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from medsync.errors import MappingError
+from medsync.levels import Column, staged_columns
 from medsync.levels import spec as level_spec
-from medsync.levels import staged_columns
 from medsync.mapping import EnumMapping, Mapping, UnknownValue
 from medsync.sources.base import Buckets, RawPage, RecordRejected, StagedRecord, synthetic_key
 from medsync.sources.rest import converters
@@ -293,6 +293,7 @@ def _field_input(level: str, column: str, field: FieldSpec, buckets: Buckets) ->
         assert field.family is not None and field.given is not None  # the spec requires both
         return _Input(field.family, _pn_parts(field.family, field.given), field.required)
     assert field.path is not None  # the spec requires a path for every other converter
+    column_spec = next(c for c in level_spec(level).columns if c.name == column)
     if convert is None:
         if field.type == "integer":
             return _integer_input(level, column, field)
@@ -300,10 +301,10 @@ def _field_input(level: str, column: str, field: FieldSpec, buckets: Buckets) ->
             return _Input(path, _typed(path, bool, "Input should be a valid boolean"), field.required, kind="boolean")
         check = _uuid_check(path) if field.format == "uuid" else None
         return _Input(path, _string(path), field.required, check, kind="string")
-    return _converted_input(path, convert, field.required, buckets)
+    return _converted_input(path, convert, field.required, buckets, column_spec)
 
 
-def _converted_input(path: str, convert: str, required: bool, buckets: Buckets) -> _Input:
+def _converted_input(path: str, convert: str, required: bool, buckets: Buckets, column: Column) -> _Input:
     """The input of a field with a converter that reads ``path``."""
     check: Callable[[str], str]
     if convert in _VALUE_CONVERTERS:
@@ -317,7 +318,8 @@ def _converted_input(path: str, convert: str, required: bool, buckets: Buckets) 
             return converters.allowed_bucket(value, allowed)
     else:
         # python: module.path:function, the escape hatch (spec.py checked its form).
-        function = converters.load_python(convert.removeprefix("python:").strip())  # FieldSpec.python
+        dotted = convert.removeprefix("python:").strip()  # FieldSpec.python
+        function = _typed_output(converters.load_python(dotted), dotted, column)
         return _Input(path, _converted(path, function), required)
     return _Input(path, _string(path), required, _prefixed(path, check), kind="string", bare_check=check)
 
@@ -342,6 +344,50 @@ def _integer_input(level: str, column: str, field: FieldSpec) -> _Input:
         kind="integer",
         bounds=bounds,
     )
+
+
+_TYPE_NAMES: dict[type, str] = {str: "text", int: "an integer", date: "a date", datetime: "an aware datetime"}
+
+
+def _typed_output(function: Callable[[Any], Any], dotted: str, column: Column) -> Callable[[Any], Any]:
+    """``function`` (a ``python:`` converter) with what it returns checked against A's ``column``.
+
+    Its result goes into a binary COPY, which fails the whole pull on a value of another type: a
+    wrong type (a naive datetime, a ``datetime`` for a date, a bool or an out-of-range integer)
+    raises ValueError, so the one record is held back with the reason. Text has NUL removed as
+    every text does. None is NULL.
+    """
+    stored = column.python_type
+    bounds = converters.INTEGER_RANGE if column.pg_type == "integer" else converters.BIGINT_RANGE
+    refused = (
+        f"python converter {dotted} returned {{}}, but the {column.name} column ({column.pg_type}) takes "
+        f"{_TYPE_NAMES[stored]}"
+    )
+
+    def checked(value: Any) -> Any:
+        out = function(value)
+        if out is None:
+            return None
+        if stored is str:
+            fits = type(out) is str
+            if fits and "\x00" in out:
+                out = out.replace("\x00", "")
+        elif stored is int:
+            fits = type(out) is int and bounds[0] <= out <= bounds[1]
+        elif stored is datetime:
+            fits = type(out) is datetime and out.utcoffset() is not None
+        else:
+            fits = type(out) is date
+        if not fits:
+            what = type(out).__name__
+            if stored is int and type(out) is int:
+                what = "an integer out of range"
+            elif type(out) is datetime and out.utcoffset() is None:
+                what = "a naive datetime"
+            raise ValueError(refused.format(what))
+        return out
+
+    return checked
 
 
 @dataclass(frozen=True, slots=True)

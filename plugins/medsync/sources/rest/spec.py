@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -81,13 +82,31 @@ Converter = Literal[
 
 CONVERTERS: frozenset[str] = frozenset(get_args(Converter))
 
+OUTPUT_TYPES: dict[str, type] = {
+    "rfc3339": datetime,
+    "epoch_seconds": datetime,
+    "epoch_millis": datetime,
+    "iso_date": date,
+    "dicom_da": date,
+    "pn_comma": str,
+    "pn_parts": str,
+    "int_string": int,
+    "absolute_key": str,
+    "relative_key": str,
+    "config_bucket": str,
+    "allowed_bucket": str,
+    "uuid_text": str,
+}
+"""What each converter returns when it returns a value (an aware ``datetime`` for the timestamps):
+a field whose converter makes a type its A column does not store is refused when the spec loads
+(``medsync.levels.Column.python_type``). Declared here, not in ``converters``, which DAG parsing
+does not import; ``tests/test_rest_converters.py`` holds each converter to it."""
+
 PYTHON_CONVERTER = re.compile(r"^python:\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
 """``python: some_module.path:function``, the escape hatch; groups: module, function."""
 
 _NO_INPUT_CONVERTERS = frozenset({"config_bucket"})
 """Converters that read nothing from the record."""
-
-_INTEGER_COLUMNS = frozenset({"integer", "bigint"})
 
 
 def _invalid(reason: str) -> PydanticCustomError:
@@ -626,15 +645,38 @@ class Levels(_Spec):
         return len(LEVELS)
 
 
+_RAW_TYPES: dict[str, type] = {"string": str, "integer": int, "boolean": bool}
+_TYPE_NAMES: dict[type, str] = {
+    str: "text",
+    int: "an integer",
+    date: "a date",
+    datetime: "a timestamp",
+    bool: "a boolean",
+}
+_CONVERTERS_MAKING: dict[type, str] = {
+    made: ", ".join(sorted(name for name, out in OUTPUT_TYPES.items() if out is made))
+    for made in set(OUTPUT_TYPES.values())
+}
+
+
 def _column_check(table: str, column: Column) -> Callable[[FieldSpec | None], FieldSpec | None]:
-    integer_column = column.pg_type in _INTEGER_COLUMNS
+    stored = column.python_type
 
     def check(field: FieldSpec | None) -> FieldSpec | None:
         if field is None:
             return None
-        if field.convert is None and (field.type == "integer") != integer_column:
-            hint = "; use type: integer or convert: int_string" if integer_column else ""
+        # A value of the wrong type would fail the binary COPY of the whole pull: refused here instead.
+        if field.convert is None and _RAW_TYPES[field.type] is not stored:
+            hint = "; use type: integer or convert: int_string" if stored is int else ""
+            if stored in (date, datetime):
+                hint = f"; use a converter ({_CONVERTERS_MAKING[stored]}) or python:"
             raise _invalid(f"type {field.type} does not fit the column's {column.pg_type}{hint}")
+        if field.convert in OUTPUT_TYPES and OUTPUT_TYPES[field.convert] is not stored:
+            made = OUTPUT_TYPES[field.convert]
+            raise _invalid(
+                f"convert: {field.convert} makes {_TYPE_NAMES[made]}, which the column's {column.pg_type} does not "
+                f"store (converters making {_TYPE_NAMES[stored]}: {_CONVERTERS_MAKING.get(stored, 'none')})"
+            )
         if not column.nullable and not field.required and field.convert not in _NO_INPUT_CONVERTERS:
             # A null would fail the merge of the whole batch; required holds the one record back instead.
             raise _invalid(f"{column.name} is NOT NULL in A's imaging.{table}: the field needs required: true")

@@ -285,3 +285,22 @@ def test_a_python_converter_returning_the_right_type_is_stored_integers_in_range
     assert isinstance(rec, StagedRecord) and rec.values[2] == 12 and rec.values[-1] == "ax"
     rec = outcome(parser, "sequence", series(number=None))
     assert isinstance(rec, StagedRecord) and rec.values[2] is None
+
+
+def test_integer_keys_and_parent_references_are_stored_as_their_decimal_text() -> None:
+    # Django's, Spring Data REST's and OData's numeric ids: no python: needed.
+    spec = api(key={"path": "id", "type": "integer"})
+    spec["levels"]["sequence"]["parent"] = {"path": "study_id", "type": "integer", "required": True}
+    parser = build(spec)
+    rec = outcome(parser, "sequence", series(id=42, study_id=7))
+    assert isinstance(rec, StagedRecord) and rec.source_key == "42" and rec.values[0] == "7"
+    for raw, reason in [
+        (series(id="42", study_id=7), "id: Input should be a valid integer"),
+        (series(id=True, study_id=7), "id: Input should be a valid integer"),
+        (series(id=42, study_id="7"), "study_id: Value error, must be an integer (a JSON integer)"),
+        (series(id=42, study_id=None), "required field missing or empty: series_uid, study_id"),
+    ]:
+        if reason.startswith("required"):
+            raw["series_uid"] = ""
+        bad = outcome(parser, "sequence", raw)
+        assert isinstance(bad, RecordRejected) and bad.reason == reason, raw

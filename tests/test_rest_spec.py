@@ -133,8 +133,8 @@ def test_the_spec_imports_nothing_heavy() -> None:
             "api.levels.instance.fields.storage_key.strip: Extra inputs are not permitted",
         ),
         (
-            lambda s: s["deletions"]["key"].update(type="uuid"),
-            "api.deletions.key.type: Extra inputs are not permitted",
+            lambda s: s["deletions"]["key"].update(kind="uuid"),
+            "api.deletions.key.kind: Extra inputs are not permitted",
         ),
         (lambda s: s["paging"].update(type="graphql"), "api.paging: Input tag 'graphql' found using 'type'"),
     ],
@@ -537,3 +537,12 @@ def test_a_python_converter_is_not_judged_at_load_time() -> None:
     section = c_api()
     section["levels"]["study"]["fields"]["study_at"] = {"path": "started", "convert": "python: x.y:z"}
     validate_api("rest", section, WHERE)
+
+
+def test_an_integer_key_or_reference_has_no_uuid_format() -> None:
+    section = c_api()
+    section["key"]["type"] = "integer"
+    assert "api.key: format: uuid is for a string key" in refused(section)
+    section = c_api()
+    section["levels"]["study"]["parent"]["type"] = "integer"
+    assert "api.levels.study.parent: format: uuid is for a string reference" in refused(section)

@@ -390,6 +390,13 @@ def _typed_output(function: Callable[[Any], Any], dotted: str, column: Column) -
     return checked
 
 
+def _integer_text(value: Any) -> str:
+    """An integer reference (``parent.type: integer``) as the decimal text its parent's key is stored as."""
+    if type(value) is not int:
+        raise ValueError("must be an integer (a JSON integer)")
+    return str(value)
+
+
 @dataclass(frozen=True, slots=True)
 class _Constant:
     value: Any
@@ -410,6 +417,7 @@ class _Envelope:
     key: Getter
     key_max_length: int | None
     key_uuid: bool
+    key_integer: bool
     version_path: str
     version: Getter
     convert_version: Callable[[Any], datetime]
@@ -424,6 +432,7 @@ class _Envelope:
             _getter(key.path),
             key.max_length,
             key.format == "uuid",
+            key.type == "integer",
             version.path,
             _getter(version.path),
             _TIME_FORMATS[version.format],
@@ -435,7 +444,11 @@ class _Envelope:
     def fast(self, raw: dict[str, Any]) -> tuple[str, datetime, bool]:
         """Key, version, deleted; raises (anything) when the explaining path must say why."""
         key = self.key(raw)
-        if type(key) is not str:
+        if self.key_integer:
+            if type(key) is not int:  # exact: a JSON true is not an integer
+                raise _Refused
+            key = str(key)
+        elif type(key) is not str:
             raise _Refused
         if "\x00" in key:
             key = key.replace("\x00", "")
@@ -478,6 +491,11 @@ class _Envelope:
         if key is _MISSING:
             problems.append(f"{self.key_path}: Field required")
             return None
+        if self.key_integer:
+            if type(key) is not int:
+                problems.append(f"{self.key_path}: Input should be a valid integer")
+                return None
+            key = str(key)
         if type(key) is not str:
             problems.append(f"{self.key_path}: Input should be a valid string")
             return None
@@ -646,6 +664,8 @@ class _LevelParser:
 
     @staticmethod
     def _parent_input(parent: ParentSpec) -> _Input:
+        if parent.type == "integer":
+            return _Input(parent.path, _converted(parent.path, _integer_text), parent.required)
         check = _uuid_check(parent.path) if parent.format == "uuid" else None
         return _Input(parent.path, _string(parent.path), parent.required, check, kind="string")
 

@@ -182,10 +182,19 @@ class KeySpec(_Spec):
 
     path: JsonPath
     """The key's path in the record: a non-empty string (anything else holds the record back)."""
+    type: Literal["string", "integer"] = "string"
+    """``integer``: the key is a JSON integer (Django's, Spring's, OData's numeric ids), stored as
+    its decimal text; anything else holds the record back."""
     format: Literal["uuid"] | None = None
     """``uuid``: must be lower-case UUID text (36 characters), else the record is held back."""
     max_length: int | None = Field(default=None, ge=1)
     """The longest key the source's contract allows; a longer one holds the record back."""
+
+    @model_validator(mode="after")
+    def _uuid_is_text(self) -> KeySpec:
+        if self.type == "integer" and self.format is not None:
+            raise _invalid("format: uuid is for a string key")
+        return self
 
 
 class VersionSpec(_Spec):
@@ -538,8 +547,16 @@ class ParentSpec(_Spec):
     column such as ``series_uid``."""
     required: bool = False
     """Missing, null or empty holds the record back."""
+    type: Literal["string", "integer"] = "string"
+    """``integer``: the reference is a JSON integer (the parent's integer key), matched as its decimal text."""
     format: Literal["uuid"] | None = None
     """``uuid``: must be lower-case UUID text, else the record is held back."""
+
+    @model_validator(mode="after")
+    def _uuid_is_text(self) -> ParentSpec:
+        if self.type == "integer" and self.format is not None:
+            raise _invalid("format: uuid is for a string reference")
+        return self
 
 
 class LevelFields(_Spec):

@@ -304,3 +304,16 @@ def test_integer_keys_and_parent_references_are_stored_as_their_decimal_text() -
             raw["series_uid"] = ""
         bad = outcome(parser, "sequence", raw)
         assert isinstance(bad, RecordRejected) and bad.reason == reason, raw
+
+
+def test_a_nullable_column_no_field_makes_is_stored_null() -> None:
+    # A source without accession numbers or descriptions leaves them out; vocabulary and NOT NULL
+    # columns must still be fed (test_a_mapping_that_does_not_feed_a_mapped_column_is_refused).
+    spec = api()
+    del spec["levels"]["study"]["fields"]["accession_number"]
+    del spec["levels"]["study"]["fields"]["description"]
+    study = {"id": "stu_1", "updated_at": UPDATED, "deleted": False, "patient_id": "pat_1", "study_uid": "1.2",
+             "status": "COMPLETED", "accession_no": "A1", "description": "d"}  # fmt: skip
+    rec = outcome(build(spec), "study", study)
+    assert isinstance(rec, StagedRecord)
+    assert rec.values == ("pat_1", "1.2", None, None, None, "COMPLETED")

@@ -551,7 +551,9 @@ class _Envelope:
 def _compile_mapped(level: str, level_api: LevelApi, mapping: Mapping, index: dict[str, int]) -> list[_Mapped]:
     """The level's mapping entries bound to the spec's ``mapped`` fields; MappingError when they do not fit.
 
-    A declared field the mapping does not name is not read: nothing is stored from it.
+    A declared field the mapping does not name is not read: nothing is stored from it. Every
+    vocabulary column (A's coded ones: the mapping file's to feed) and every NOT NULL one must be
+    fed; another column that no field makes (a source without accession numbers) is stored NULL.
     """
     where = str(mapping.path) if mapping.path else "the mapping"
     declared = level_api.mapped
@@ -576,7 +578,8 @@ def _compile_mapped(level: str, level_api: LevelApi, mapping: Mapping, index: di
             )
         )
     fed = {c for m in mapped for c in m.entry.columns} | set(level_api.fields.keys()) | {"parent_key"}
-    unfed = [c for c in index if c not in fed]
+    must_feed = {c.name for c in level_spec(level).columns if c.vocabulary or not c.nullable}
+    unfed = [c for c in index if c not in fed and c in must_feed]
     if unfed:
         raise MappingError(f"{where}: {level} has no entry feeding {', '.join(unfed)}")
     return mapped

@@ -715,6 +715,20 @@ def test_the_deletion_feed_follows_the_records_paged_and_filtered_to_the_level(s
     assert [s.query.get("page") for s in stub.requests[1:]] == [None, "2", "3"]
 
 
+def test_the_deletion_feed_alone_yields_every_page_with_what_it_left_out(stub: Stub, fake: FakeTime) -> None:
+    def item(resource: str, n: int) -> dict[str, Any]:
+        return {"resource": resource, "uuid": f"00000000-0000-4000-8000-{n:012d}", "deleted": 1793665000000 + n}
+
+    stub.script = [
+        Reply(body=[item("visits", 1), item("files", 2)], headers=link(stub, "/v2/deletions", page="2")),
+        Reply(body=[item("reports", 3)]),
+    ]
+    with make_c_client(stub, fake) as client:
+        pages = list(client.iter_deletions("study", C_SINCE, C_UNTIL))
+    assert [(len(p.items), p.others, p.deletions) for p in pages] == [(1, 1, True), (0, 1, True)]
+    assert [s.path for s in stub.requests] == ["/v2/deletions"] * 2  # the records are not asked for
+
+
 def test_the_deletion_feed_restarts_from_the_last_deletion_seen(stub: Stub, fake: FakeTime) -> None:
     item = {"resource": "visits", "uuid": "00000000-0000-4000-8000-000000000001", "deleted": 1793665000000}
     stub.script = [

@@ -592,18 +592,44 @@ class RestClient(SourceClient):
     def iter_pages(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
         """Records of ``level`` with ``since <= version < until``, one page at a time.
 
-        ``since`` and ``until`` must be aware datetimes: both are always sent, so no request is
-        ever open-ended; ``since == until`` yields nothing without asking. Pages come in the
-        source's order as its raw items; empty pages are not yielded. With a deletion feed, the
+        ``since`` and ``until`` must be aware datetimes: the lower bound is always sent, so no
+        request is ever open-ended; ``since == until`` yields nothing without asking. Pages come in
+        the source's order as its raw items; empty pages are not yielded. With a deletion feed, the
         feed's items of ``level`` in the same window follow as ``RawPage(items, deletions=True)``.
 
         When the source says the cursor or snapshot expired, the window restarts from the last
-        version received (inclusive), so some records are yielded twice; a record may also appear
-        twice because it changed during paging. Callers keep the newest version of each key.
+        version received (inclusive) or, for a listing not declared sorted, from its start, so
+        some records are yielded twice; a record may also appear twice because it changed during
+        paging. Callers keep the newest version of each key.
 
         Raises ``ValueError`` for arguments outside the interface, ``SourceApiError`` /
         ``SourceUnavailableError`` as described on the class.
         """
+        if not self._asks(level, since, until):
+            return
+        for items in self._logged_window(self._listings[level], level, since, until):
+            yield RawPage(items)
+        for page in self.iter_deletions(level, since, until):
+            if page.items:
+                yield page
+
+    def iter_deletions(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
+        """The deletion feed's items of ``level`` in ``[since, until)``, a ``RawPage(deletions=True)``
+        per page of the feed that has items, of this level or not (``others`` counts the rest).
+        Nothing without a feed."""
+        feed = self._feed
+        if feed is None or not self._asks(level, since, until):
+            return
+        deletions = self._api.feed()
+        resource = deletions.resources[level]
+        resource_of = json_getter(deletions.resource_path)
+        for items in self._logged_window(feed, f"{level} deletions", since, until):
+            # Items of every resource come in one feed: the other levels read theirs themselves.
+            mine = [item for item in items if resource_of(item) == resource]
+            yield RawPage(mine, deletions=True, others=len(items) - len(mine))
+
+    def _asks(self, level: str, since: datetime, until: datetime) -> bool:
+        """Whether ``[since, until)`` of ``level`` is worth a request; ValueError for arguments out of bounds."""
         if level not in self._listings:
             raise ValueError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}")
         format_moment(since, "rfc3339")  # refuses naive datetimes before anything else
@@ -612,19 +638,8 @@ class RestClient(SourceClient):
             raise ValueError(f"window starts after it ends: [{since.isoformat()}, {until.isoformat()})")
         if since == until:
             log.debug("%s %s: empty window at %s, nothing to ask", self._name, level, since.isoformat())
-            return
-        for items in self._logged_window(self._listings[level], level, since, until):
-            yield RawPage(items)
-        feed = self._feed
-        if feed is not None:
-            assert isinstance(self._api.deletions, FeedDeletions)
-            resource = self._api.deletions.resources[level]
-            resource_of = json_getter(self._api.deletions.resource_path)
-            for items in self._logged_window(feed, f"{level} deletions", since, until):
-                # Items of every resource come in one feed: the other levels read theirs themselves.
-                mine = [item for item in items if resource_of(item) == resource]
-                if mine:
-                    yield RawPage(mine, deletions=True)
+            return False
+        return True
 
     def counts(self) -> dict[str, int] | None:
         """Live records per level now (``{"subject": n, ...}``), or None when the spec has no counts."""

@@ -1242,13 +1242,24 @@ def test_hook_basic_auth_needs_a_login(monkeypatch: pytest.MonkeyPatch) -> None:
     assert RestSourceHook("c_api", api=api).get_conn().base_url == "https://c.example.com/v2"
 
 
-def test_hook_says_where_the_secret_goes() -> None:
+def test_hook_reads_a_medsync_rest_connection_and_an_http_one_alike(
+    stub: Stub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # medsync_rest is the type whose form says where the secret goes (tests/test_providers.py);
+    # http connections of existing deployments keep working.
     from medsync.sources.rest.hook import RestSourceHook
 
-    behaviour = RestSourceHook.get_ui_field_behaviour()
-    assert "API key" in behaviour["relabeling"]["password"] and "token" in behaviour["relabeling"]["password"]
-    assert "basic" in behaviour["relabeling"]["login"]
-    assert (RestSourceHook.conn_type, RestSourceHook.conn_name_attr) == ("http", "api_conn_id")
+    assert (RestSourceHook.conn_type, RestSourceHook.conn_name_attr) == ("medsync_rest", "api_conn_id")
+    body = {"patients": 1, "studies": 2, "series": 3, "images": 4, "as_of": "x"}
+    for conn_type in ("medsync_rest", "http"):
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MEDSYNC_B_API",
+            json.dumps({"conn_type": conn_type, "host": stub.base_url, "password": API_KEY}),
+        )
+        stub.script = [Reply(body=body)]
+        with RestSourceHook("medsync_b_api", api=B_API, rate_limit_per_second=None).get_conn() as client:
+            assert client.counts() == {"subject": 1, "study": 2, "sequence": 3, "instance": 4}
+        assert stub.requests[-1].headers["X-API-Key"] == API_KEY
 
 
 # --- against B's simulator (the contract's reference implementation) --------------------------------

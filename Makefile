@@ -9,11 +9,17 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Re-installs only when a requirements file changed; uv is pinned and fetched with pip.
-$(STAMP): requirements.txt requirements-dev.txt
+# The in-repo provider distribution (medsync's connection types), installed from requirements.txt by path.
+PROVIDER := providers/medsync-airflow-provider
+PROVIDER_FILES := $(PROVIDER)/pyproject.toml $(wildcard $(PROVIDER)/medsync_airflow_provider/*.py)
+
+# Re-installs only when a requirements file or the provider changed (the provider is rebuilt then:
+# uv would keep a path package of an unchanged version); uv is pinned and fetched with pip.
+$(STAMP): requirements.txt requirements-dev.txt $(PROVIDER_FILES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.8
-	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.txt -r requirements-dev.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --reinstall-package medsync-airflow-provider \
+		-r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
 demo: install

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from medsync import check_source
+from medsync.config import include_dir
 from simulator import BSimulator, SimConfig
 from simulator_c import CSimulator, FaultConfig
 from simulator_c import SimConfig as CSimConfig
@@ -92,3 +98,45 @@ def test_c_against_its_simulator_held_back_records_say_why_and_no_phi_is_printed
                 assert str(value) not in text
     for visit in c_api.live_records("visits"):
         assert visit["study_instance_uid"] not in text
+    # The deletion feed's first page is sampled for every level; its items are shared out among them.
+    feed = re.findall(r"deletions feed, first page: (\d+) items, (\d+) of this level: (\d+) tombstones, 0 held", text)
+    assert len(feed) == 4
+    page_items = {int(items) for items, _, _ in feed}
+    assert len(page_items) == 1 and sum(int(mine) for _, mine, _ in feed) == page_items.pop() > 0
+    assert all(mine == tombstones for _, mine, tombstones in feed)
+
+
+def c_config_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[dict[str, Any]], None]) -> None:
+    """C's config and mapping in an include directory of their own, the config changed by ``change``."""
+    for folder in ("sources", "mappings"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(include_dir() / folder / "c.yaml", tmp_path / folder / "c.yaml")
+    config = yaml.safe_load((tmp_path / "sources" / "c.yaml").read_text())
+    change(config)
+    (tmp_path / "sources" / "c.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("MEDSYNC_INCLUDE_DIR", str(tmp_path))
+
+
+def test_a_wrong_deletion_key_path_shows_as_held_back_feed_items(
+    c_api: CSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c_config_with(tmp_path, monkeypatch, lambda c: c["api"]["deletions"]["key"].update(path="id"))
+    out = io.StringIO()
+    assert not check_source.check("c", fetch=True, days=36500, out=out)
+    text = out.getvalue()
+    held = re.findall(r"deletions feed, first page: \d+ items, (\d+) of this level: 0 tombstones, (\d+) held", text)
+    assert len(held) == 4 and all(mine == n for mine, n in held)
+    assert "held back x" in text and ": deletion item: id: Field required" in text
+    for item in c_api.deletions():
+        assert item["uuid"] not in text  # keys are not printed either
+
+
+def test_a_wrong_deletion_resource_path_is_said(
+    c_api: CSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c_config_with(tmp_path, monkeypatch, lambda c: c["api"]["deletions"].update(resource_path="kind"))
+    out = io.StringIO()
+    assert not check_source.check("c", fetch=True, days=36500, out=out)
+    text = out.getvalue()
+    assert text.count(" items, 0 of this level: 0 tombstones, 0 held back") == 4
+    assert "deletions feed: none of the first page's" in text and "check the feed's resource names" in text

@@ -556,3 +556,16 @@ def test_airflow_init_script_says_why_when_the_passwords_directory_is_not_its_ow
     proc = run_init_script(fresh_home, "unused", as_uid=AIRFLOW_UID)
     assert proc.returncode == 1
     assert "is not writable by uid 50000" in proc.stderr and "airflow-auth volume" in proc.stderr
+
+
+def test_the_image_installs_the_in_repo_provider_from_its_build_context() -> None:
+    # requirements.txt installs it by path, which the image's build context (./docker) cannot reach.
+    build = SERVICES["airflow-init"]["build"]
+    context = build["additional_contexts"]["medsync-provider"]
+    assert (ROOT / context / "pyproject.toml").is_file()
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^COPY --from=medsync-provider \. (\S+)\nRUN pip install .*--no-deps \1$", dockerfile, re.M)
+    requirements = (ROOT / "requirements.txt").read_text().splitlines()
+    assert "./" + context.removeprefix("./") in requirements
+    image_requirements = (ROOT / "docker" / "requirements-image.txt").read_text().splitlines()
+    assert not any(line.startswith("./") for line in image_requirements)

@@ -715,6 +715,20 @@ def test_the_deletion_feed_follows_the_records_paged_and_filtered_to_the_level(s
     assert [s.query.get("page") for s in stub.requests[1:]] == [None, "2", "3"]
 
 
+def test_the_deletion_feed_alone_yields_every_page_with_what_it_left_out(stub: Stub, fake: FakeTime) -> None:
+    def item(resource: str, n: int) -> dict[str, Any]:
+        return {"resource": resource, "uuid": f"00000000-0000-4000-8000-{n:012d}", "deleted": 1793665000000 + n}
+
+    stub.script = [
+        Reply(body=[item("visits", 1), item("files", 2)], headers=link(stub, "/v2/deletions", page="2")),
+        Reply(body=[item("reports", 3)]),
+    ]
+    with make_c_client(stub, fake) as client:
+        pages = list(client.iter_deletions("study", C_SINCE, C_UNTIL))
+    assert [(len(p.items), p.others, p.deletions) for p in pages] == [(1, 1, True), (0, 1, True)]
+    assert [s.path for s in stub.requests] == ["/v2/deletions"] * 2  # the records are not asked for
+
+
 def test_the_deletion_feed_restarts_from_the_last_deletion_seen(stub: Stub, fake: FakeTime) -> None:
     item = {"resource": "visits", "uuid": "00000000-0000-4000-8000-000000000001", "deleted": 1793665000000}
     stub.script = [
@@ -727,6 +741,64 @@ def test_the_deletion_feed_restarts_from_the_last_deletion_seen(stub: Stub, fake
         pages = list(client.iter_pages("study", C_SINCE, C_UNTIL))
     assert [p.deletions for p in pages] == [True, True]
     assert stub.requests[3].query["modified_from"] == "1793665000000"
+
+
+def test_503_waits_retry_after_in_seconds(stub: Stub, fake: FakeTime) -> None:
+    # C's contract says an HTTP date; RFC 9110 allows seconds too, and the client reads either.
+    stub.script = [error(503, "maintenance", Retry_After="12"), Reply(body=[crec(1)]), NO_DELETIONS]
+    with make_c_client(stub, fake) as client:
+        assert len(list(client.iter_pages("subject", C_SINCE, C_UNTIL))) == 1
+    assert fake.sleeps == [12.0]
+    assert len(stub.requests) == 3
+
+
+def test_a_window_in_epoch_seconds_rounds_outwards(stub: Stub, fake: FakeTime) -> None:
+    section = c_api()
+    section["window"] = {"since_param": "from", "until_param": "to", "format": "epoch_seconds"}
+    stub.script = lambda seen: Reply(body=[])
+    since = C_SINCE + timedelta(milliseconds=500)  # 1793664000.5 s: from 1793664000
+    until = C_UNTIL + timedelta(milliseconds=1)  # 1793667600.001 s: up to 1793667601, exclusive
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        list(client.iter_pages("subject", since, until))
+    lists, feed = stub.requests
+    assert (lists.query["from"], lists.query["to"]) == ("1793664000", "1793667601")
+    assert (feed.query["from"], feed.query["to"]) == ("1793664000", "1793667601")  # the feed uses the lists' window
+
+
+def test_a_deletion_feed_with_its_own_paging_window_records_path_and_params(stub: Stub, fake: FakeTime) -> None:
+    section = c_api()
+    section["deletions"].update(
+        window={"since_param": "deleted_since", "until_param": "deleted_before", "format": "rfc3339"},
+        paging={"type": "cursor", "cursor_param": "after", "cursor_path": "next", "page_size_param": "n"},
+        records_path="result.items",
+        params={"kinds": "all"},
+    )
+
+    def item(resource: str, n: int) -> dict[str, Any]:
+        return {"resource": resource, "uuid": f"00000000-0000-4000-8000-{n:012d}", "deleted": 1793665000000 + n}
+
+    stub.script = [
+        Reply(body=[crec(1)]),  # the list: C's bare array and Link header
+        Reply(body={"result": {"items": [item("files", 1), item("visits", 2)]}, "next": "k1"}),
+        Reply(body={"result": {"items": [item("files", 3)]}, "next": None}),
+    ]
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        pages = list(client.iter_pages("instance", C_SINCE, C_UNTIL))
+    assert [p.deletions for p in pages] == [False, True, True]
+    assert ids(pages, "uuid")[1:] == [
+        ["00000000-0000-4000-8000-000000000001"],
+        ["00000000-0000-4000-8000-000000000003"],
+    ]
+    lists, first, second = stub.requests
+    assert lists.query == {"modified_from": "1793664000000", "modified_to": "1793667600000", "page_size": "2"}
+    assert first.path == "/v2/deletions"
+    assert first.query == {
+        "deleted_since": "2026-11-03T00:00:00.000000Z",
+        "deleted_before": "2026-11-03T01:00:00.000000Z",
+        "kinds": "all",
+        "n": "2",
+    }
+    assert second.query == {**first.query, "after": "k1"}
 
 
 def test_c_counts_come_from_stats(stub: Stub, fake: FakeTime) -> None:
@@ -830,6 +902,237 @@ def test_header_auth_with_another_header_name(stub: Stub, fake: FakeTime) -> Non
         list(client.iter_pages("subject", C_SINCE, C_UNTIL))
     assert stub.requests[0].headers["X-Token"] == TOKEN
     assert "Authorization" not in stub.requests[0].headers
+
+
+# --- per-level settings, the listing's order, windows without an upper bound -----------------------
+
+
+def section_of(**changes: Any) -> dict[str, Any]:
+    """C's section without expiry or a feed (one request per page), with ``changes``."""
+    section = c_api()
+    section.pop("expired")
+    section["deletions"] = {"type": "none"}
+    section.update(changes)
+    return section
+
+
+M0 = 1793664000000  # C_SINCE in epoch milliseconds
+
+
+def test_a_level_overrides_key_version_and_window(stub: Stub, fake: FakeTime) -> None:
+    paging = {"type": "last_record", "cursor_param": "after", "has_more_path": "more", "page_size_param": "n"}
+    section = section_of(paging=paging, records_path="items")
+    section["levels"]["study"].update(
+        key={"path": "ref"},
+        version={"path": "changed", "format": "rfc3339"},
+        window={"since_param": "changed_since", "until_param": "changed_before"},
+    )
+    visit = {"ref": "v1", "changed": "2026-11-03T00:10:00Z"}
+    stub.script = [
+        Reply(body={"items": [visit], "more": True}),
+        Reply(body={"items": [], "more": False}),
+        Reply(body={"items": [crec(1)], "more": False}),
+    ]
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        assert len(list(client.iter_pages("study", C_SINCE, C_UNTIL))) == 1
+        assert len(list(client.iter_pages("subject", C_SINCE, C_UNTIL))) == 1
+    study, next_page, subject = stub.requests
+    assert study.query == {
+        "changed_since": "2026-11-03T00:00:00.000000Z",
+        "changed_before": "2026-11-03T01:00:00.000000Z",
+        "n": "2",
+    }
+    assert next_page.query["after"] == "v1"  # the level's key is the last record's cursor
+    assert subject.query == {"modified_from": str(M0), "modified_to": str(M0 + 3_600_000), "n": "2"}
+
+
+def test_an_expired_sorted_listing_resumes_at_the_last_version_of_the_levels_own_version(
+    stub: Stub, fake: FakeTime
+) -> None:
+    section = section_of(expired={"status": 410}, order="unsorted")
+    section["levels"]["study"].update(version={"path": "changed", "format": "epoch_millis"}, order="version_ascending")
+    stub.script = [
+        Reply(body=[{"uuid": "a", "changed": M0 + 5}], headers=link(stub, "/v2/visits", page="2")),
+        error(410, "gone"),
+        Reply(body=[{"uuid": "b", "changed": M0 + 9}]),
+    ]
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        assert ids(list(client.iter_pages("study", C_SINCE, C_UNTIL)), "uuid") == [["a"], ["b"]]
+    assert stub.requests[2].query["modified_from"] == str(M0 + 5)
+
+
+def test_an_expired_unsorted_listing_restarts_from_the_windows_start(stub: Stub, fake: FakeTime) -> None:
+    section = section_of(expired={"status": 410}, order="unsorted")
+    stub.script = [
+        Reply(body=[crec(1, M0 + 50), crec(2, M0 + 10)], headers=link(stub, "/v2/participants", page="2")),
+        error(410, "gone"),
+        Reply(body=[crec(1, M0 + 50), crec(2, M0 + 10)], headers=link(stub, "/v2/participants", page="2")),
+        Reply(body=[crec(3, M0 + 30)]),
+    ]
+    since = C_SINCE + timedelta(milliseconds=1)
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        got = [r["uuid"][-1] for p in client.iter_pages("subject", since, C_UNTIL) for r in p.items]
+    assert got == ["1", "2", "1", "2", "3"]  # read twice from the start: nothing skipped
+    assert stub.requests[2].query["modified_from"] == str(M0 + 1)  # not M0 + 10, where paging stopped
+
+
+def test_an_unsorted_listing_that_expires_before_getting_further_gives_up(stub: Stub, fake: FakeTime) -> None:
+    section = section_of(expired={"status": 410}, order="unsorted")
+
+    def script(seen: Seen) -> Reply:
+        if "page" in seen.query:
+            return error(410, "gone")
+        return Reply(body=[crec(1)], headers=link(stub, "/v2/participants", page="2"))
+
+    stub.script = script
+    with (
+        make_c_client(stub, fake, api=api_of(section)) as client,
+        pytest.raises(SourceApiError, match=r"each pass from the window's start getting no further than 1 pages"),
+    ):
+        list(client.iter_pages("subject", C_SINCE, C_UNTIL))
+    assert len(stub.requests) == 2 * 4  # the first pass, then three that got no further
+
+
+def test_a_listing_declared_sorted_that_is_not_fails_rather_than_skip_on_a_restart(stub: Stub, fake: FakeTime) -> None:
+    section = section_of(order="version_ascending")
+    stub.script = [
+        Reply(body=[crec(1, M0 + 50)], headers=link(stub, "/v2/participants", page="2")),
+        Reply(body=[crec(2, M0 + 10)]),
+    ]
+    with make_c_client(stub, fake, api=api_of(section)) as client, pytest.raises(SourceApiError, match="not sorted"):
+        list(client.iter_pages("subject", C_SINCE, C_UNTIL))
+
+
+def test_without_an_upper_bound_records_at_or_after_until_are_dropped_and_unsorted_lists_are_read_whole(
+    stub: Stub, fake: FakeTime
+) -> None:
+    section = section_of(window={"since_param": "since", "format": "rfc3339"}, order="unsorted")
+    until_ms = M0 + 3_600_000
+    stub.script = [
+        Reply(body=[crec(1, M0), crec(2, until_ms)], headers=link(stub, "/v2/participants", page="2")),
+        Reply(body=[crec(3, until_ms + 1), crec(4, until_ms - 1)], headers=link(stub, "/v2/participants", page="3")),
+        Reply(body=[{"uuid": "bad", "modified": "soon"}]),  # passed on: the parser quarantines it
+    ]
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        got = [r["uuid"][-3:] for p in client.iter_pages("subject", C_SINCE, C_UNTIL) for r in p.items]
+    assert got == ["001", "004", "bad"]
+    assert stub.requests[0].query == {"since": "2026-11-03T00:00:00.000000Z", "page_size": "2"}
+
+
+def test_without_an_upper_bound_a_sorted_listing_stops_at_the_first_page_reaching_until(
+    stub: Stub, fake: FakeTime
+) -> None:
+    section = section_of(window={"since_param": "since"}, order="version_ascending")
+    until_ms = M0 + 3_600_000
+    stub.script = [
+        Reply(body=[crec(1, M0), crec(2, M0 + 1)], headers=link(stub, "/v2/participants", page="2")),
+        Reply(body=[crec(3, until_ms - 1), crec(4, until_ms)], headers=link(stub, "/v2/participants", page="3")),
+    ]
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        got = [r["uuid"][-1] for p in client.iter_pages("subject", C_SINCE, C_UNTIL) for r in p.items]
+    assert got == ["1", "2", "3"]
+    assert len(stub.requests) == 2  # page 3 is never asked for
+
+
+def test_a_window_template_carries_both_bounds_in_one_parameter(stub: Stub, fake: FakeTime) -> None:
+    template = "Modified ge {since} and Modified lt {until} and Kind eq '{{x}}'"
+    section = section_of(window={"templates": {"$filter": template}, "format": "rfc3339"})
+    stub.script = [Reply(body=[])]
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        list(client.iter_pages("subject", C_SINCE, C_UNTIL))
+    assert stub.requests[0].query == {
+        "$filter": "Modified ge 2026-11-03T00:00:00.000000Z and Modified lt 2026-11-03T01:00:00.000000Z "
+        "and Kind eq '{x}'",
+        "page_size": "2",
+    }
+
+
+# --- the paging the API styles need ------------------------------------------------------------------
+
+
+def test_an_absent_next_link_ends_the_listing_when_declared_else_fails(stub: Stub, fake: FakeTime) -> None:
+    paging = {"type": "next_link", "next_path": "links.next", "absent_on_last_page": True}
+    stub.script = [
+        Reply(body={"items": [crec(1)], "links": {"next": "/v2/participants?page=2"}}),
+        Reply(body={"items": [crec(2)], "links": {"self": "/v2/participants?page=2"}}),  # no next: the last
+        Reply(body={"items": [crec(3)]}),  # no links at all: the last too
+    ]
+    with make_c_client(stub, fake, api=plain_api(paging, {"type": "bearer"})) as client:
+        assert len(list(client.iter_pages("subject", C_SINCE, C_UNTIL))) == 2
+        assert len(list(client.iter_pages("subject", C_SINCE, C_UNTIL))) == 1
+    paging["absent_on_last_page"] = False
+    stub.script = [Reply(body={"items": [crec(2)], "links": {}})]
+    with (
+        make_c_client(stub, fake, api=plain_api(paging, {"type": "bearer"})) as client,
+        pytest.raises(SourceApiError, match="with the next link"),
+    ):
+        list(client.iter_pages("subject", C_SINCE, C_UNTIL))
+
+
+def test_an_absent_cursor_ends_the_listing_when_declared(stub: Stub, fake: FakeTime) -> None:
+    paging = {"type": "cursor", "cursor_param": "c", "cursor_path": "meta.next", "absent_on_last_page": True}
+    stub.script = [Reply(body={"items": [crec(1)], "meta": {"next": "k"}}), Reply(body={"items": [crec(2)]})]
+    with make_c_client(stub, fake, api=plain_api(paging, {"type": "bearer"})) as client:
+        assert len(list(client.iter_pages("subject", C_SINCE, C_UNTIL))) == 2
+    assert stub.requests[1].query["c"] == "k"
+
+
+def test_an_absent_records_path_is_an_empty_page_when_declared_else_fails(stub: Stub, fake: FakeTime) -> None:
+    section = section_of(
+        records_path="_embedded.people",
+        paging={"type": "page_number", "page_param": "page", "start": 0, "total_pages_path": "page.totalPages"},
+        empty_page_omits_records=True,
+    )
+    stub.script = [Reply(body={"_links": {}, "page": {"totalPages": 0}})]
+    with make_c_client(stub, fake, api=api_of(section)) as client:
+        assert list(client.iter_pages("subject", C_SINCE, C_UNTIL)) == []
+    section["empty_page_omits_records"] = False
+    stub.script = [Reply(body={"_links": {}, "page": {"totalPages": 0}})]
+    with (
+        make_c_client(stub, fake, api=api_of(section)) as client,
+        pytest.raises(SourceApiError, match=r"an object with _embedded\.people"),
+    ):
+        list(client.iter_pages("subject", C_SINCE, C_UNTIL))
+
+
+def test_last_record_paging_continues_after_the_last_record_until_has_more_is_false(stub: Stub, fake: FakeTime) -> None:
+    paging = {"type": "last_record", "cursor_param": "starting_after", "has_more_path": "has_more",
+              "page_size_param": "limit"}  # fmt: skip
+    stub.script = [
+        Reply(body={"data": [crec(1), crec(2)], "has_more": True}),
+        Reply(body={"data": [crec(3), crec(4)], "has_more": True}),
+        Reply(body={"data": [crec(5)], "has_more": False}),
+    ]
+    with make_c_client(stub, fake, api=plain_api(paging, {"type": "bearer"}, "data")) as client:
+        assert [len(p.items) for p in client.iter_pages("subject", C_SINCE, C_UNTIL)] == [2, 2, 1]
+    assert [s.query.get("starting_after", "")[-1:] for s in stub.requests] == ["", "2", "4"]
+    assert all(s.query["limit"] == "2" for s in stub.requests)
+
+    for body, expected in [
+        ({"data": [crec(1)]}, "with has_more"),
+        ({"data": [crec(1)], "has_more": "yes"}, "with has_more"),
+        ({"data": [{"modified": M0}], "has_more": True}, "last record has no uuid"),
+    ]:
+        stub.script = [Reply(body=body)]
+        with (
+            make_c_client(stub, fake, api=plain_api(paging, {"type": "bearer"}, "data")) as client,
+            pytest.raises(SourceApiError, match=expected),
+        ):
+            list(client.iter_pages("subject", C_SINCE, C_UNTIL))
+
+
+def test_last_record_paging_reads_another_cursor_field_and_refuses_to_loop(stub: Stub, fake: FakeTime) -> None:
+    paging = {"type": "last_record", "cursor_param": "after", "cursor_path": "seq", "has_more_path": "more"}
+    stub.script = [
+        Reply(body={"data": [crec(1) | {"seq": 7}], "more": True}),
+        Reply(body={"data": [crec(2) | {"seq": 7}], "more": True}),
+    ]
+    with (
+        make_c_client(stub, fake, api=plain_api(paging, {"type": "bearer"}, "data")) as client,
+        pytest.raises(SourceApiError, match="ended on the record it started after"),
+    ):
+        list(client.iter_pages("subject", C_SINCE, C_UNTIL))
+    assert stub.requests[1].query["after"] == "7"
 
 
 # --- the Airflow hook -------------------------------------------------------------------------------
@@ -939,13 +1242,24 @@ def test_hook_basic_auth_needs_a_login(monkeypatch: pytest.MonkeyPatch) -> None:
     assert RestSourceHook("c_api", api=api).get_conn().base_url == "https://c.example.com/v2"
 
 
-def test_hook_says_where_the_secret_goes() -> None:
+def test_hook_reads_a_medsync_rest_connection_and_an_http_one_alike(
+    stub: Stub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # medsync_rest is the type whose form says where the secret goes (tests/test_providers.py);
+    # http connections of existing deployments keep working.
     from medsync.sources.rest.hook import RestSourceHook
 
-    behaviour = RestSourceHook.get_ui_field_behaviour()
-    assert "API key" in behaviour["relabeling"]["password"] and "token" in behaviour["relabeling"]["password"]
-    assert "basic" in behaviour["relabeling"]["login"]
-    assert (RestSourceHook.conn_type, RestSourceHook.conn_name_attr) == ("http", "api_conn_id")
+    assert (RestSourceHook.conn_type, RestSourceHook.conn_name_attr) == ("medsync_rest", "api_conn_id")
+    body = {"patients": 1, "studies": 2, "series": 3, "images": 4, "as_of": "x"}
+    for conn_type in ("medsync_rest", "http"):
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MEDSYNC_B_API",
+            json.dumps({"conn_type": conn_type, "host": stub.base_url, "password": API_KEY}),
+        )
+        stub.script = [Reply(body=body)]
+        with RestSourceHook("medsync_b_api", api=B_API, rate_limit_per_second=None).get_conn() as client:
+            assert client.counts() == {"subject": 1, "study": 2, "sequence": 3, "instance": 4}
+        assert stub.requests[-1].headers["X-API-Key"] == API_KEY
 
 
 # --- against B's simulator (the contract's reference implementation) --------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from medsync.errors import ConfigError
 from medsync.sources.rest import converters
-from medsync.sources.rest.spec import CONVERTERS
+from medsync.sources.rest.spec import CONVERTERS, OUTPUT_TYPES
 
 
 def refused(convert: object, *values: object) -> str:
@@ -264,3 +264,33 @@ def test_python_converter_that_does_not_resolve_is_a_config_error(dotted: str) -
 def test_every_converter_the_spec_names_exists() -> None:
     plain = CONVERTERS - {"config_bucket"}  # config_bucket reads nothing: the parser fills the configured bucket
     assert all(callable(getattr(converters, name, None)) for name in plain), sorted(plain)
+
+
+# --- what each converter returns (checked against A's column when a spec loads) ----------------------
+
+SAMPLES: dict[str, tuple[object, ...]] = {
+    "rfc3339": ("2026-11-03T00:00:00Z",),
+    "epoch_seconds": (1793664000,),
+    "epoch_millis": (1793664000000,),
+    "iso_date": ("1984-06-17",),
+    "dicom_da": ("19840617",),
+    "pn_comma": ("Kim, Minji",),
+    "pn_parts": ("Kim", "Minji"),
+    "int_string": ("007",),
+    "absolute_key": ("/a/b.dcm",),
+    "relative_key": ("a/b.dcm",),
+    "allowed_bucket": ("b1", {"b1"}),
+    "uuid_text": ("260088bd-fad9-493b-a062-8b83443b76fe",),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTERS - {"config_bucket"}))
+def test_every_converter_returns_the_type_it_declares(name: str) -> None:
+    made = getattr(converters, name)(*SAMPLES[name])
+    assert type(made) is OUTPUT_TYPES[name]
+    if isinstance(made, datetime):
+        assert made.utcoffset() is not None  # a timestamptz needs the offset
+
+
+def test_every_converter_declares_its_output_type() -> None:
+    assert set(OUTPUT_TYPES) == CONVERTERS

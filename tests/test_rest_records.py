@@ -204,3 +204,116 @@ def test_a_required_integer_zero_is_not_empty() -> None:
     rec = outcome(parser, "sequence", series(number=0))
     assert isinstance(rec, StagedRecord) and rec.values[2] == 0
     assert isinstance(outcome(parser, "sequence", series(number=None)), RecordRejected)
+
+
+def test_a_key_with_a_dot_in_it_is_read_whole_when_escaped() -> None:
+    # OData-style keys ("@odata.etag"): one key, not a path of two.
+    spec = api()
+    spec["levels"]["sequence"]["fields"]["description"] = {"path": r"meta.@odata\.etag"}
+    spec["levels"]["sequence"]["fields"]["series_number"] = {"path": r"@odata\.count", "type": "integer"}
+    parser = build(spec)
+    raw = series(meta={"@odata.etag": "W/1", "@odata": {"etag": "wrong"}}, **{"@odata.count": 7})
+    rec = outcome(parser, "sequence", raw)
+    assert isinstance(rec, StagedRecord) and rec.values[2] == 7 and rec.values[-1] == "W/1"
+    bad = outcome(parser, "sequence", series(meta="flat", **{"@odata.count": 7}))
+    assert isinstance(bad, RecordRejected) and bad.reason == "meta: Input should be a valid dictionary"
+    bad = outcome(parser, "sequence", series(**{"@odata.count": "7"}))
+    assert isinstance(bad, RecordRejected) and bad.reason == r"@odata\.count: Input should be a valid integer"
+
+
+def test_a_levels_own_key_and_version_are_read_for_its_records_only() -> None:
+    spec = api()
+    spec["levels"]["sequence"]["key"] = {"path": "meta.ref", "max_length": 8}
+    spec["levels"]["sequence"]["version"] = {"path": "meta.changed", "format": "epoch_seconds"}
+    parser = build(spec)
+    raw = series(meta={"ref": "ser_9", "changed": 1793664000})
+    rec = outcome(parser, "sequence", raw)
+    assert isinstance(rec, StagedRecord) and rec.source_key == "ser_9"
+    assert rec.updated_at == datetime(2026, 11, 3, tzinfo=UTC)
+    bad = outcome(parser, "sequence", series(meta={"ref": "ser_9", "changed": "2026-11-03T00:00:00Z"}))
+    assert isinstance(bad, RecordRejected) and bad.reason.startswith("meta.changed: Value error")
+    # Other levels keep the section's key and version.
+    study = {"id": "stu_1", "updated_at": UPDATED, "deleted": False, "patient_id": "pat_1", "study_uid": "1.2",
+             "status": "COMPLETED"}  # fmt: skip
+    rec = outcome(parser, "study", study)
+    assert isinstance(rec, StagedRecord) and rec.source_key == "stu_1"
+
+
+# --- what a python: converter returns must fit A's column --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("column", "function", "raw", "returned", "takes"),
+    [
+        ("study_at", "medsync.sources.rest.converters:int_string", "1984", "int", "an aware datetime"),
+        ("study_at", "medsync.sources.rest.converters:iso_date", "1984-06-17", "date", "an aware datetime"),
+        ("study_at", "tests.rest_examples:naive_time", "1984", "a naive datetime", "an aware datetime"),
+        ("description", "tests.rest_examples:flag", "1984", "bool", "text"),
+        ("accession_number", "medsync.sources.rest.converters:int_string", "1984", "int", "text"),
+    ],
+)
+def test_a_python_converter_returning_the_wrong_type_holds_the_record_back(
+    column: str, function: str, raw: str, returned: str, takes: str
+) -> None:
+    spec = api()
+    spec["levels"]["study"]["fields"][column] = {"path": "raw", "convert": f"python: {function}"}
+    parser = build(spec)
+    study = {"id": "stu_1", "updated_at": UPDATED, "deleted": False, "patient_id": "pat_1", "study_uid": "1.2",
+             "status": "COMPLETED", "raw": raw}  # fmt: skip
+    bad = outcome(parser, "study", study)
+    assert isinstance(bad, RecordRejected)
+    pg_type = {"study_at": "timestamp with time zone"}.get(column, "text")
+    assert bad.reason == (
+        f"raw: Value error, python converter {function} returned {returned}, but the {column} column ({pg_type}) "
+        f"takes {takes}"
+    )
+    assert raw not in bad.reason  # never the value
+
+
+def test_a_python_converter_returning_the_right_type_is_stored_integers_in_range_text_without_nul() -> None:
+    spec = api()
+    fields = spec["levels"]["sequence"]["fields"]
+    fields["series_number"] = {"path": "number", "convert": "python: tests.rest_examples:huge"}
+    parser = build(spec)
+    bad = outcome(parser, "sequence", series(number=1))
+    assert isinstance(bad, RecordRejected)
+    assert "returned an integer out of range, but the series_number column (integer) takes an integer" in bad.reason
+    fields["series_number"] = {"path": "number", "convert": "python: medsync.sources.rest.converters:int_string"}
+    fields["description"] = {"path": "description", "convert": "python: tests.rest_examples:text_with_nul"}
+    parser = build(spec)
+    rec = outcome(parser, "sequence", series(number="12", description="x"))
+    assert isinstance(rec, StagedRecord) and rec.values[2] == 12 and rec.values[-1] == "ax"
+    rec = outcome(parser, "sequence", series(number=None))
+    assert isinstance(rec, StagedRecord) and rec.values[2] is None
+
+
+def test_integer_keys_and_parent_references_are_stored_as_their_decimal_text() -> None:
+    # Django's, Spring Data REST's and OData's numeric ids: no python: needed.
+    spec = api(key={"path": "id", "type": "integer"})
+    spec["levels"]["sequence"]["parent"] = {"path": "study_id", "type": "integer", "required": True}
+    parser = build(spec)
+    rec = outcome(parser, "sequence", series(id=42, study_id=7))
+    assert isinstance(rec, StagedRecord) and rec.source_key == "42" and rec.values[0] == "7"
+    for raw, reason in [
+        (series(id="42", study_id=7), "id: Input should be a valid integer"),
+        (series(id=True, study_id=7), "id: Input should be a valid integer"),
+        (series(id=42, study_id="7"), "study_id: Value error, must be an integer (a JSON integer)"),
+        (series(id=42, study_id=None), "required field missing or empty: series_uid, study_id"),
+    ]:
+        if reason.startswith("required"):
+            raw["series_uid"] = ""
+        bad = outcome(parser, "sequence", raw)
+        assert isinstance(bad, RecordRejected) and bad.reason == reason, raw
+
+
+def test_a_nullable_column_no_field_makes_is_stored_null() -> None:
+    # A source without accession numbers or descriptions leaves them out; vocabulary and NOT NULL
+    # columns must still be fed (test_a_mapping_that_does_not_feed_a_mapped_column_is_refused).
+    spec = api()
+    del spec["levels"]["study"]["fields"]["accession_number"]
+    del spec["levels"]["study"]["fields"]["description"]
+    study = {"id": "stu_1", "updated_at": UPDATED, "deleted": False, "patient_id": "pat_1", "study_uid": "1.2",
+             "status": "COMPLETED", "accession_no": "A1", "description": "d"}  # fmt: skip
+    rec = outcome(build(spec), "study", study)
+    assert isinstance(rec, StagedRecord)
+    assert rec.values == ("pat_1", "1.2", None, None, None, "COMPLETED")

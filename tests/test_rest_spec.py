@@ -19,8 +19,11 @@ from medsync.sources.rest.spec import (
     CursorPaging,
     FeedDeletions,
     FlagDeletions,
+    LastRecordPaging,
     LinkHeaderPaging,
     RestApi,
+    join_path,
+    path_keys,
 )
 from tests.rest_examples import b_api, c_api
 
@@ -76,7 +79,7 @@ def test_cs_section_validates_and_reads_like_the_contract() -> None:
     api = validate_api("rest", c_api(), WHERE)
     assert isinstance(api, RestApi)
     assert isinstance(api.paging, LinkHeaderPaging) and api.paging.page_size_param == "page_size"
-    assert api.limits.retry_after == "http_date" and api.limits.max_page_size == 500
+    assert api.limits.max_page_size == 500
     assert api.level_records_path("subject") is None  # the body is the array
     feed = api.deletions
     assert isinstance(feed, FeedDeletions) and feed.resources["instance"] == "files"
@@ -115,8 +118,8 @@ def test_the_spec_imports_nothing_heavy() -> None:
     ("mutate", "expected"),
     [
         (lambda s: s.update(pagination={}), "api.pagination: Extra inputs are not permitted"),
-        (lambda s: s["paging"].update(cursor="x"), "api.paging.link_header.cursor: Extra inputs are not permitted"),
-        (lambda s: s["auth"].update(header="X"), "api.auth.bearer.header: Extra inputs are not permitted"),
+        (lambda s: s["paging"].update(cursor="x"), "api.paging.cursor: Extra inputs are not permitted"),
+        (lambda s: s["auth"].update(header="X"), "api.auth.header: Extra inputs are not permitted"),
         (
             lambda s: s["levels"].update(patients={"endpoint": "/p"}),
             "api.levels.patients: Extra inputs are not permitted",
@@ -130,8 +133,8 @@ def test_the_spec_imports_nothing_heavy() -> None:
             "api.levels.instance.fields.storage_key.strip: Extra inputs are not permitted",
         ),
         (
-            lambda s: s["deletions"]["key"].update(type="uuid"),
-            "api.deletions.feed.key.type: Extra inputs are not permitted",
+            lambda s: s["deletions"]["key"].update(kind="uuid"),
+            "api.deletions.key.kind: Extra inputs are not permitted",
         ),
         (lambda s: s["paging"].update(type="graphql"), "api.paging: Input tag 'graphql' found using 'type'"),
     ],
@@ -215,12 +218,11 @@ def _drop(mapping: dict[str, Any], key: str) -> None:
         ),
         (
             lambda s: _drop(s["deletions"]["resources"], "sequence"),
-            "api.deletions.feed.resources: resources must name exactly subject, study, sequence, instance: "
-            "missing sequence",
+            "api.deletions.resources: resources must name exactly subject, study, sequence, instance: missing sequence",
         ),
         (
             lambda s: s["deletions"]["resources"].update(sequence="files"),
-            "api.deletions.feed.resources: two levels name the same resource",
+            "api.deletions.resources: two levels name the same resource",
         ),
         (
             lambda s: s["counts"]["paths"].update(series="x"),
@@ -265,9 +267,282 @@ def test_a_level_may_override_the_records_path() -> None:
     assert "records_path is needed (none for instance)" in refused(section)
 
 
+def test_locations_are_the_yamls_key_paths_without_pydantics_union_labels() -> None:
+    # pydantic's own location would read api.paging.link_header.cursor, api.deletions.feed,
+    # api.limits.retry_statuses.0.int: none of them is a key of the YAML.
+    section = c_api()
+    section["paging"]["cursor"] = "x"
+    section["deletions"]["resources"]["sequence"] = "files"
+    section["limits"]["retry_statuses"] = ["teapot"]
+    message = refused(section)
+    assert "api.paging.cursor: Extra inputs" in message
+    assert "api.deletions.resources: two levels" in message
+    assert "api.limits.retry_statuses.0: " in message
+    for label in ("link_header", "deletions.feed", ".int", "literal"):
+        assert label not in message
+    section = c_api()
+    section["expired"] = {"status": 410, "code": "x"}  # a model-level rule: no key of its own
+    assert "api.expired: code_path and code go together" in refused(section)
+    section = c_api()
+    section["paging"] = {"type": "cursor", "cursor_param": "c"}  # a key the YAML lacks is named
+    assert "api.paging.cursor_path: Field required" in refused(section)
+
+
+def test_retry_after_is_not_a_key_both_forms_are_always_read() -> None:
+    section = c_api()
+    section["limits"]["retry_after"] = "http_date"
+    assert "api.limits.retry_after: Extra inputs are not permitted" in refused(section)
+
+
 def test_every_problem_is_reported_at_once() -> None:
     section = c_api()
     section["levels"]["study"]["fields"]["bogus"] = {"path": "x"}
     section["levels"]["instance"]["fields"]["storage_key"]["convert"] = "nope"
     message = refused(section)
     assert "api.levels.study.fields.bogus" in message and "api.levels.instance.fields.storage_key.convert" in message
+
+
+# --- paths ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "keys"),
+    [
+        ("data", ("data",)),
+        ("error.code", ("error", "code")),
+        (r"@odata\.nextLink", ("@odata.nextLink",)),
+        (r"value.@odata\.etag", ("value", "@odata.etag")),
+        (r"a\\b.c", ("a\\b", "c")),
+        (r"a\\.b", ("a\\", "b")),
+    ],
+)
+def test_a_dot_inside_a_key_is_escaped_with_a_backslash(path: str, keys: tuple[str, ...]) -> None:
+    assert path_keys(path) == keys
+    assert join_path(keys) == path
+    section = c_api()
+    section["levels"]["study"]["fields"]["description"]["path"] = path
+    validate_api("rest", section, WHERE)
+
+
+@pytest.mark.parametrize("path", ["a..b", ".a", "a.", r"a\b", "a\\", "a b", ""])
+def test_a_malformed_path_is_refused(path: str) -> None:
+    section = c_api()
+    section["levels"]["study"]["fields"]["description"]["path"] = path
+    assert "api.levels.study.fields.description.path: String should match pattern" in refused(section)
+
+
+# --- per-level settings, order, windows, the paging of other API styles -----------------------------
+
+
+def test_a_level_may_override_key_version_window_and_order() -> None:
+    section = c_api()
+    section["levels"]["study"].update(
+        key={"path": "ref"},
+        version={"path": "changed"},
+        window={"since_param": "changed_since"},
+        order="unsorted",
+    )
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi)
+    assert (api.level_key("study").path, api.level_version("study").path) == ("ref", "changed")
+    assert api.level_window("study").since_param == "changed_since" and not api.level_window("study").sends("until")
+    assert (api.level_order("study"), api.level_order("subject")) == ("unsorted", "version_ascending")
+    assert api.level_key("subject").path == "uuid" and api.level_window("subject").sends("until")
+    assert api.feed().order == "version_ascending" and api.feed_window() == api.window
+
+
+def test_key_version_and_window_may_be_given_per_level_only() -> None:
+    section = c_api()
+    for what in ("key", "version", "window"):
+        value = section.pop(what)
+        for level in section["levels"].values():
+            level[what] = value
+    section["deletions"]["window"] = {"since_param": "deleted_from", "until_param": "deleted_to"}
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.key is None and api.level_key("instance").format == "uuid"
+    assert api.feed_window().since_param == "deleted_from"
+    del section["levels"]["study"]["version"]
+    del section["levels"]["sequence"]["version"]
+    assert "api: version is needed here or in every level (not in study, sequence)" in refused(section)
+    section = c_api()
+    del section["window"]
+    for level in section["levels"].values():
+        level["window"] = {"since_param": "from"}
+    assert "api: deletions: the feed needs its own window when the section has none" in refused(section)
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        ({"until_param": "to"}, "api.window: the lower bound is sent nowhere"),
+        ({"templates": {"$filter": "Modified lt {until}"}}, "api.window: the lower bound is sent nowhere"),
+        ({"templates": {"$filter": "Modified ge {since"}}, "api.window.templates: $filter: "),
+        ({"templates": {"$filter": "Modified ge {start}"}}, "only {since} and {until} can be filled in, got {start}"),
+        ({"templates": {"$filter": "Modified ge {since!r}"}}, "only {since} and {until} can be filled in"),
+        ({"templates": {"$filter": "Modified ge {since:%Y}"}}, "only {since} and {until} can be filled in"),
+        ({"templates": {"$filter": "Kind eq 'x'"}}, "names neither {since} nor {until}; a fixed parameter goes"),
+    ],
+)
+def test_a_window_must_send_its_lower_bound_and_templates_fill_in_only_the_bounds(
+    window: dict[str, Any], expected: str
+) -> None:
+    section = c_api()
+    section["window"] = window
+    assert expected in refused(section)
+
+
+def test_a_window_template_may_carry_both_bounds_or_the_lower_one_only() -> None:
+    section = c_api()
+    section["window"] = {"templates": {"$filter": "Modified ge {since} and Modified lt {until}"}}
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.window is not None
+    assert api.window.sends("since") and api.window.sends("until")
+    section["window"] = {"templates": {"q": "updated:>={since}"}, "until_param": None}
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.window is not None and not api.window.sends("until")
+
+
+def test_last_record_paging_reads_the_body() -> None:
+    section = c_api()
+    section["paging"] = {"type": "last_record", "cursor_param": "starting_after", "has_more_path": "has_more"}
+    assert "paging last_record reads the body, so the records are in it" in refused(section)
+    section["records_path"] = "data"
+    section["deletions"]["records_path"] = "data"
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and isinstance(api.paging, LastRecordPaging) and api.paging.cursor_path is None
+
+
+def test_order_and_absent_keys_are_explicit_options() -> None:
+    section = c_api()
+    section["order"] = "descending"
+    assert "api.order: Input should be 'version_ascending' or 'unsorted'" in refused(section)
+    section = c_api()
+    section["paging"] = {"type": "next_link", "next_path": "links.next", "absent_on_last_page": True}
+    section["records_path"] = "data"
+    section["empty_page_omits_records"] = True
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and api.empty_page_omits_records and api.feed_omits_records()
+    section["deletions"]["empty_page_omits_records"] = False
+    api = validate_api("rest", section, WHERE)
+    assert isinstance(api, RestApi) and not api.feed_omits_records()
+    assert validate_api("rest", b_api(), WHERE).order == "version_ascending"  # type: ignore[attr-defined]
+
+
+# --- A's NOT NULL columns ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda s: _drop(s["levels"]["instance"]["fields"], "storage_key"),
+            "api.levels.instance.fields: storage_key is NOT NULL in A's imaging.instance: a field must make it, "
+            "with required: true",
+        ),
+        (
+            lambda s: [_drop(s["levels"]["instance"]["fields"], c) for c in ("storage_key", "sop_instance_uid")],
+            "api.levels.instance.fields: sop_instance_uid, storage_key are NOT NULL in A's imaging.instance",
+        ),
+        (
+            lambda s: _drop(s["levels"]["subject"], "fields"),
+            "api.levels.subject.fields: patient_code is NOT NULL in A's imaging.subject",
+        ),
+        (
+            lambda s: s["levels"]["instance"]["fields"]["storage_key"].update(required=False),
+            "api.levels.instance.fields.storage_key: storage_key is NOT NULL in A's imaging.instance: "
+            "the field needs required: true",
+        ),
+        (
+            lambda s: _drop(s["levels"]["study"]["fields"]["study_uid"], "required"),
+            "api.levels.study.fields.study_uid: study_uid is NOT NULL in A's imaging.study",
+        ),
+        (
+            lambda s: s["levels"]["sequence"]["parent"].update(required=False),
+            "api.levels.sequence.parent: A's imaging.sequence.study_id is NOT NULL: the parent needs required: true",
+        ),
+    ],
+)
+def test_as_not_null_columns_need_a_required_field(mutate: Callable[[dict[str, Any]], None], expected: str) -> None:
+    section = c_api()
+    mutate(section)
+    assert expected in refused(section)
+
+
+def test_vocabulary_columns_are_left_to_the_mapping_and_config_bucket_is_never_null() -> None:
+    section = b_api()
+    assert "status" not in section["levels"]["study"]["fields"]  # NOT NULL, fed by the mapping file
+    assert section["levels"]["instance"]["fields"]["storage_bucket"] == {"convert": "config_bucket"}
+    validate_api("rest", section, WHERE)
+
+
+# --- a converter's output must fit the column ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("level", "column", "field", "expected"),
+    [
+        (
+            "study",
+            "study_at",
+            {"path": "started", "convert": "dicom_da"},
+            "api.levels.study.fields.study_at: convert: dicom_da makes a date, which the column's timestamp with "
+            "time zone does not store (converters making a timestamp: epoch_millis, epoch_seconds, rfc3339)",
+        ),
+        (
+            "instance",
+            "size_bytes",
+            {"path": "bytes", "convert": "rfc3339"},
+            "api.levels.instance.fields.size_bytes: convert: rfc3339 makes a timestamp, which the column's bigint "
+            "does not store (converters making an integer: int_string)",
+        ),
+        (
+            "subject",
+            "birth_date",
+            {"path": "dob", "convert": "int_string"},
+            "convert: int_string makes an integer, which the column's date does not store",
+        ),
+        (
+            "instance",
+            "content_type",
+            {"path": "mime", "convert": "epoch_millis"},
+            "convert: epoch_millis makes a timestamp, which the column's text does not store (converters making "
+            "text: absolute_key, allowed_bucket, config_bucket, pn_comma, pn_parts, relative_key, uuid_text)",
+        ),
+        (
+            "subject",
+            "birth_date",
+            {"path": "dob"},
+            "api.levels.subject.fields.birth_date: type string does not fit the column's date; use a converter "
+            "(dicom_da, iso_date) or python:",
+        ),
+        (
+            "study",
+            "study_at",
+            {"path": "started", "type": "integer"},
+            "type integer does not fit the column's timestamp with time zone; use a converter",
+        ),
+        ("study", "description", {"path": "label", "type": "boolean"}, "type boolean does not fit the column's text"),
+    ],
+)
+def test_a_converter_or_type_the_column_does_not_store_is_refused(
+    level: str, column: str, field: dict[str, Any], expected: str
+) -> None:
+    section = c_api()
+    section["levels"][level]["fields"][column] = field
+    assert expected in refused(section)
+
+
+def test_a_python_converter_is_not_judged_at_load_time() -> None:
+    # Its output is checked per record instead (test_rest_records).
+    section = c_api()
+    section["levels"]["study"]["fields"]["study_at"] = {"path": "started", "convert": "python: x.y:z"}
+    validate_api("rest", section, WHERE)
+
+
+def test_an_integer_key_or_reference_has_no_uuid_format() -> None:
+    section = c_api()
+    section["key"]["type"] = "integer"
+    assert "api.key: format: uuid is for a string key" in refused(section)
+    section = c_api()
+    section["levels"]["study"]["parent"]["type"] = "integer"
+    assert "api.levels.study.parent: format: uuid is for a string reference" in refused(section)

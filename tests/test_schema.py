@@ -86,6 +86,15 @@ def test_a_tables_as_in_the_contract_pass(a_db: str) -> None:
         ("ALTER TABLE imaging.subject ALTER COLUMN birth_date TYPE text", "birth_date is text, expected date"),
         ("ALTER TABLE imaging.study ADD COLUMN site text NOT NULL", "imaging.study.site is NOT NULL without a default"),
         ("ALTER TABLE imaging.subject DROP CONSTRAINT subject_source_system_source_key_key", "no unique index"),
+        # medsync.levels says which columns are NOT NULL (source configs must make them): it must agree with A.
+        (
+            "ALTER TABLE imaging.instance ALTER COLUMN storage_key DROP NOT NULL",
+            "imaging.instance.storage_key is NULL, medsync.levels says NOT NULL",
+        ),
+        (
+            "ALTER TABLE imaging.study ALTER COLUMN accession_number SET NOT NULL",
+            "imaging.study.accession_number is NOT NULL, medsync.levels says NULL",
+        ),
     ],
 )
 def test_a_tables_that_differ_are_refused_with_every_difference(a_db: str, ddl: str, expected: str) -> None:

@@ -295,6 +295,36 @@ def sources_dir() -> Path:
     return include_dir() / "sources"
 
 
+_ABSENT: Any = object()
+
+
+def key_path(loc: tuple[int | str, ...], document: object) -> str:
+    """A pydantic error location as the key path the YAML's author sees (``paging.cursor``).
+
+    pydantic puts labels of its own into a location: the tag of a tagged union
+    (``paging.link_header.cursor``) and, under a value, the member of a plain union it tried
+    (``retry_statuses.0.int``). Neither is a key of the document, so the location is walked along
+    the document: an element naming the ``type`` of the object it is in, or anything past a
+    scalar value, is left out. Keys the document lacks (a required key) are kept.
+    """
+    node: Any = document
+    parts: list[str] = []
+    for element in loc:
+        if isinstance(node, dict):
+            if element in node:
+                node = node[element]
+            elif node.get("type") == element:
+                continue  # a tagged union's tag
+            else:
+                node = _ABSENT
+        elif isinstance(node, list) and type(element) is int and 0 <= element < len(node):
+            node = node[element]
+        elif node is not _ABSENT:
+            continue  # under a scalar: a plain union's member label
+        parts.append(str(element))
+    return ".".join(parts)
+
+
 def load_yaml_model(path: Path, model: type[_M], what: str) -> _M:
     """Reads a YAML file into a pydantic model; every error names the file and the field."""
     try:
@@ -306,7 +336,7 @@ def load_yaml_model(path: Path, model: type[_M], what: str) -> _M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{key_path(e['loc'], raw)}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
 
 

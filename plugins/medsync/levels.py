@@ -9,8 +9,21 @@ against them before anything is written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, datetime
+from uuid import UUID
 
 from medsync.config import LEVELS
+
+PYTHON_TYPES: dict[str, type] = {
+    "text": str,
+    "character": str,
+    "integer": int,
+    "bigint": int,
+    "date": date,
+    "timestamp with time zone": datetime,
+    "uuid": UUID,
+}
+"""The Python type a value of each of A's column types is staged as (binary COPY takes nothing else)."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,16 @@ class Column:
     name: str
     pg_type: str
     """As ``information_schema.columns.data_type`` spells it."""
+    nullable: bool = True
+    """False for A's NOT NULL columns: a null there fails the merge of a whole batch, so a source
+    must make them and hold back a record without a value (``prepare`` checks A's DDL agrees)."""
+    vocabulary: bool = False
+    """A allows a fixed list of codes (a CHECK ... IN): the source's mapping file feeds it."""
+
+    @property
+    def python_type(self) -> type:
+        """What a value of this column is in Python: ``str``, ``int``, ``date`` or ``datetime`` (aware)."""
+        return PYTHON_TYPES[self.pg_type]
 
 
 @dataclass(frozen=True)
@@ -46,9 +69,9 @@ SPECS: dict[str, LevelSpec] = {
         level="subject",
         table="subject",
         columns=(
-            Column("patient_code", "text"),
+            Column("patient_code", "text", nullable=False),
             Column("patient_name", "text"),
-            Column("sex", "character"),
+            Column("sex", "character", vocabulary=True),
             Column("birth_date", "date"),
         ),
     ),
@@ -56,11 +79,11 @@ SPECS: dict[str, LevelSpec] = {
         level="study",
         table="study",
         columns=(
-            Column("study_uid", "text"),
+            Column("study_uid", "text", nullable=False),
             Column("accession_number", "text"),
             Column("study_at", "timestamp with time zone"),
             Column("description", "text"),
-            Column("status", "text"),
+            Column("status", "text", nullable=False, vocabulary=True),
         ),
         parent_level="subject",
         parent_fk="subject_id",
@@ -69,11 +92,11 @@ SPECS: dict[str, LevelSpec] = {
         level="sequence",
         table="sequence",
         columns=(
-            Column("series_uid", "text"),
+            Column("series_uid", "text", nullable=False),
             Column("series_number", "integer"),
-            Column("modality", "text"),
-            Column("body_part", "text"),
-            Column("laterality", "character"),
+            Column("modality", "text", nullable=False, vocabulary=True),
+            Column("body_part", "text", vocabulary=True),
+            Column("laterality", "character", vocabulary=True),
             Column("description", "text"),
         ),
         parent_level="study",
@@ -83,10 +106,10 @@ SPECS: dict[str, LevelSpec] = {
         level="instance",
         table="instance",
         columns=(
-            Column("sop_instance_uid", "text"),
+            Column("sop_instance_uid", "text", nullable=False),
             Column("instance_number", "integer"),
-            Column("storage_bucket", "text"),
-            Column("storage_key", "text"),
+            Column("storage_bucket", "text", nullable=False),
+            Column("storage_key", "text", nullable=False),
             Column("size_bytes", "bigint"),
             Column("content_type", "text"),
         ),

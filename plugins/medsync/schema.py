@@ -19,7 +19,7 @@ from psycopg import sql
 
 from medsync.config import include_dir
 from medsync.errors import MappingError, SchemaError
-from medsync.levels import COMMON_COLUMNS, SPECS
+from medsync.levels import COMMON_COLUMNS, SPECS, Column
 from medsync.mapping import Mapping
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,7 @@ def check_a_tables(conn: psycopg.Connection) -> None:
             expected_names.add(level_spec.parent_fk)
             if columns.get(level_spec.parent_fk, ("",))[0] != "uuid":
                 problems.append(f"{A_SCHEMA}.{table}.{level_spec.parent_fk} is missing or not uuid")
-        for column in expected:
-            found = columns.get(column.name)
-            if found is None:
-                problems.append(f"{A_SCHEMA}.{table}.{column.name} is missing")
-            elif found[0] != column.pg_type:
-                problems.append(f"{A_SCHEMA}.{table}.{column.name} is {found[0]}, expected {column.pg_type}")
+        problems += _column_problems(table, expected, level_spec.columns, columns)
         for name, (_, nullable, has_default) in columns.items():
             if name not in expected_names and not nullable and not has_default:
                 problems.append(f"{A_SCHEMA}.{table}.{name} is NOT NULL without a default; medsync cannot fill it")
@@ -129,6 +124,33 @@ def check_a_tables(conn: psycopg.Connection) -> None:
             problems.append(f"{A_SCHEMA}.{table} has no unique index on (source_system, source_key)")
     if problems:
         raise SchemaError("A's tables differ from what medsync writes into: " + "; ".join(problems))
+
+
+def _column_problems(
+    table: str,
+    expected: list[Column],
+    content: tuple[Column, ...],
+    columns: dict[str, tuple[str, bool, bool]],
+) -> list[str]:
+    """How A's ``table`` (its ``columns``: type, nullable, default) differs from the ``expected`` ones.
+
+    The nullability of the ``content`` columns is compared too: source configs are checked
+    against ``medsync.levels`` when they load (a NOT NULL column needs a required field), so it
+    must say what A says.
+    """
+    problems: list[str] = []
+    for column in expected:
+        found = columns.get(column.name)
+        if found is None:
+            problems.append(f"{A_SCHEMA}.{table}.{column.name} is missing")
+        elif found[0] != column.pg_type:
+            problems.append(f"{A_SCHEMA}.{table}.{column.name} is {found[0]}, expected {column.pg_type}")
+        elif column in content and found[1] != column.nullable:
+            problems.append(
+                f"{A_SCHEMA}.{table}.{column.name} is {'' if found[1] else 'NOT '}NULL, "
+                f"medsync.levels says {'' if column.nullable else 'NOT '}NULL"
+            )
+    return problems
 
 
 def check_mapping(conn: psycopg.Connection, mapping: Mapping) -> None:

@@ -61,11 +61,14 @@ def validate_api(protocol: str, raw: object, where: str) -> BaseModel:
     Raises ``ConfigError`` naming ``where`` (the file), each key path (``api.levels.study.paging``)
     and what is wrong with it.
     """
+    from medsync.config import key_path
+
+    section = raw if raw is not None else {}
     try:
-        return api_model(protocol).model_validate(raw if raw is not None else {})
+        return api_model(protocol).model_validate(section)
     except ValidationError as exc:
         problems = "; ".join(
-            f"api.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else f"api: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(filter(None, ('api', key_path(e['loc'], section))))}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"{where}: {problems}") from exc
 

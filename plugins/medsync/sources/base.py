@@ -82,6 +82,8 @@ class RawPage:
     items: Sequence[Any]
     deletions: bool = False
     """The items are deletion-feed items of this level (``DeletionMode.FEED``), not records."""
+    others: int = 0
+    """A deletion-feed page: how many of its items were of other levels (or of no level), left out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,13 @@ class SourceClient(ABC):
         merge keeps its newest version. Only a bounded number of pages is held at a time. Raises
         ``SourceApiError`` (permanent) or ``SourceUnavailableError`` (transient).
         """
+
+    def iter_deletions(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
+        """The deletion feed's items of ``level`` in ``[since, until)`` (``DeletionMode.FEED``), one
+        ``RawPage(deletions=True)`` per page of the feed with items (``others`` counting those of
+        other levels), as :meth:`iter_pages` yields them after the records; nothing without a feed.
+        ``make check-source`` samples the feed's first page with it."""
+        return iter(())
 
     def iter_listing(self, level: str) -> Iterator[RawPage]:
         """Every live record of ``level`` now (``DeletionMode.SNAPSHOT``); default: the whole time line."""

@@ -9,8 +9,6 @@ task bodies only (Airflow's SDK is slow to import at DAG parse time).
 
 from __future__ import annotations
 
-from typing import Any
-
 import requests
 from airflow.providers.http.hooks.http import HttpHook
 from airflow.sdk.exceptions import AirflowNotFoundException
@@ -21,11 +19,16 @@ from medsync.errors import ConfigError
 
 
 class DicomwebHook(HttpHook):
-    """A ``requests`` session for a PACS's DICOMweb (and, for Orthanc, REST) API."""
+    """A ``requests`` session for a PACS's DICOMweb (and, for Orthanc, REST) API.
+
+    Its connection is of type ``medsync_dicomweb`` (the form's labels are declared by the in-repo
+    provider distribution ``providers/medsync-airflow-provider``) or ``http``: the same fields are
+    read either way.
+    """
 
     conn_name_attr = "http_conn_id"
     default_conn_name = "medsync_pacs_api"
-    conn_type = "http"
+    conn_type = "medsync_dicomweb"
     hook_name = "medsync: PACS (DICOMweb)"
 
     def __init__(
@@ -50,21 +53,6 @@ class DicomwebHook(HttpHook):
         )
         super().__init__(method="GET", http_conn_id=http_conn_id, adapter=HTTPAdapter(max_retries=retry))
         self.timeout = timeout
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": [],
-            "relabeling": {
-                "host": "Base URL (e.g. https://pacs.example.internal)",
-                "login": "User (basic auth; empty for a bearer token)",
-                "password": "Password, or the bearer token when User is empty",
-            },
-            "placeholders": {
-                "extra": '{"timeout": 30}',
-                "host": "https://pacs.example.internal",
-            },
-        }
 
     def session(self) -> tuple[requests.Session, str, float]:
         """A new session, the base URL and the request timeout (extra ``timeout`` wins over the config)."""

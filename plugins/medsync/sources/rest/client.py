@@ -46,14 +46,18 @@ from medsync.sources.rest.spec import (
     CursorPaging,
     FeedDeletions,
     HeaderAuth,
+    LastRecordPaging,
     LinkHeaderPaging,
     NextLinkPaging,
     OffsetPaging,
+    Order,
     PageNumberPaging,
     Paging,
     RestApi,
     TimeFormat,
+    VersionSpec,
     WindowSpec,
+    path_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -202,13 +206,14 @@ def parse_moment(value: object, form: TimeFormat) -> datetime:
 
 
 def json_getter(path: str | None) -> Callable[[Any], Any]:
-    """A function reading dotted ``path`` (``error.code``) from decoded JSON; ``_MISSING`` when absent.
+    """A function reading dotted ``path`` (``error.code``, ``@odata\\.nextLink``) from decoded JSON;
+    ``_MISSING`` when absent.
 
     ``None`` reads the value itself.
     """
     if path is None:
         return lambda value: value
-    keys = tuple(path.split("."))
+    keys = path_keys(path)
     if len(keys) == 1:
         key = keys[0]
         return lambda value: value.get(key, _MISSING) if type(value) is dict else _MISSING
@@ -253,6 +258,25 @@ def _next_link(header: str | None) -> str | None:
         if "next" in link.get("rel", "").lower().split():
             return link.get("url") or None
     return None
+
+
+def _window_params(window: WindowSpec, since: datetime, until: datetime) -> dict[str, str]:
+    """The query parameters that bound a request to ``[since, until)``, as ``window`` says them."""
+    start = format_moment(since, window.format)
+    end = format_moment(until, window.format, round_up=True)
+    params: dict[str, str] = {}
+    if window.since_param is not None:
+        params[window.since_param] = start
+    if window.until_param is not None:
+        params[window.until_param] = end
+    for param, template in window.templates.items():
+        params[param] = template.format(since=start, until=end)
+    return params
+
+
+def _since_name(window: WindowSpec) -> str:
+    """How messages name the lower bound: its parameter, or ``since`` when a template carries it."""
+    return window.since_param or "since"
 
 
 # --- the client ------------------------------------------------------------------------------------
@@ -305,14 +329,25 @@ class _Listing:
     url: str
     params: dict[str, str]
     window: WindowSpec
+    sends_until: bool
+    """The upper bound is in the request; else the client drops records at or after it."""
+    sorted_by_version: bool
+    """``order: version_ascending``: restarts resume at the last version, an unbounded listing stops at ``until``."""
     paging: Paging
     page_size_param: str | None
     records: Callable[[Any], Any]
     records_path: str | None
+    records_optional: bool
+    """An empty page may leave ``records_path`` out (``empty_page_omits_records``)."""
     version: Callable[[Any], Any]
     version_format: TimeFormat
     next_value: Callable[[Any], Any] | None
-    """The cursor, next link, total or total pages read from the body, per paging type."""
+    """The cursor, next link, total, total pages or has-more flag read from the body, per paging type."""
+    absent_ends: bool
+    """An absent cursor or next link means the last page (``absent_on_last_page``)."""
+    last_record_cursor: Callable[[Any], Any] | None
+    """``last_record`` paging: reads the next page's cursor from a page's last record."""
+    last_record_cursor_path: str | None
 
 
 class RestClient(SourceClient):
@@ -449,23 +484,30 @@ class RestClient(SourceClient):
         endpoint: str,
         params: dict[str, str],
         window: WindowSpec,
+        order: Order,
         paging: Paging,
         records_path: str | None,
-        version_path: str,
-        version_format: TimeFormat,
+        records_optional: bool,
+        key_path: str,
+        version: VersionSpec,
     ) -> _Listing:
         next_path: str | None
+        last_record_cursor: Callable[[Any], Any] | None = None
+        absent_ends = False
         if isinstance(paging, OffsetPaging):
             page_size_param: str | None = paging.limit_param
             next_path = paging.total_path
         else:
             page_size_param = paging.page_size_param
             if isinstance(paging, CursorPaging):
-                next_path = paging.cursor_path
+                next_path, absent_ends = paging.cursor_path, paging.absent_on_last_page
             elif isinstance(paging, NextLinkPaging):
-                next_path = paging.next_path
+                next_path, absent_ends = paging.next_path, paging.absent_on_last_page
             elif isinstance(paging, PageNumberPaging):
                 next_path = paging.total_pages_path
+            elif isinstance(paging, LastRecordPaging):
+                next_path = paging.has_more_path
+                last_record_cursor = json_getter(paging.cursor_path or key_path)
             else:
                 next_path = None  # a Link header: nothing to read from the body
         return _Listing(
@@ -473,13 +515,19 @@ class RestClient(SourceClient):
             url=self._base_url + endpoint,
             params=dict(params),
             window=window,
+            sends_until=window.sends("until"),
+            sorted_by_version=order == "version_ascending",
             paging=paging,
             page_size_param=page_size_param,
             records=json_getter(records_path),
             records_path=records_path,
-            version=json_getter(version_path),
-            version_format=version_format,
+            records_optional=records_optional,
+            version=json_getter(version.path),
+            version_format=version.format,
             next_value=json_getter(next_path) if next_path is not None else None,
+            absent_ends=absent_ends,
+            last_record_cursor=last_record_cursor,
+            last_record_cursor_path=(paging.cursor_path or key_path) if isinstance(paging, LastRecordPaging) else None,
         )
 
     def _listing_of(self, level: str) -> _Listing:
@@ -489,26 +537,31 @@ class RestClient(SourceClient):
             label=f"{self._name} GET {endpoint}",
             endpoint=endpoint,
             params=api.level_params(level),
-            window=api.window,
+            window=api.level_window(level),
+            order=api.level_order(level),
             paging=api.paging,
             records_path=api.level_records_path(level),
-            version_path=api.version.path,
-            version_format=api.version.format,
+            records_optional=api.empty_page_omits_records,
+            key_path=api.level_key(level).path,
+            version=api.level_version(level),
         )
 
     def _feed_listing(self) -> _Listing | None:
-        feed = self._api.deletions
+        api = self._api
+        feed = api.deletions
         if not isinstance(feed, FeedDeletions):
             return None
         return self._listing(
             label=f"{self._name} GET {feed.endpoint}",
             endpoint=feed.endpoint,
             params=feed.params,
-            window=feed.window or self._api.window,
-            paging=feed.paging or self._api.paging,
-            records_path=self._api.feed_records_path(),
-            version_path=feed.version.path,
-            version_format=feed.version.format,
+            window=api.feed_window(),
+            order=feed.order,
+            paging=feed.paging or api.paging,
+            records_path=api.feed_records_path(),
+            records_optional=api.feed_omits_records(),
+            key_path=feed.key.path,
+            version=feed.version,
         )
 
     # --- properties --------------------------------------------------------------------------------
@@ -557,18 +610,44 @@ class RestClient(SourceClient):
     def iter_pages(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
         """Records of ``level`` with ``since <= version < until``, one page at a time.
 
-        ``since`` and ``until`` must be aware datetimes: both are always sent, so no request is
-        ever open-ended; ``since == until`` yields nothing without asking. Pages come in the
-        source's order as its raw items; empty pages are not yielded. With a deletion feed, the
+        ``since`` and ``until`` must be aware datetimes: the lower bound is always sent, so no
+        request is ever open-ended; ``since == until`` yields nothing without asking. Pages come in
+        the source's order as its raw items; empty pages are not yielded. With a deletion feed, the
         feed's items of ``level`` in the same window follow as ``RawPage(items, deletions=True)``.
 
         When the source says the cursor or snapshot expired, the window restarts from the last
-        version received (inclusive), so some records are yielded twice; a record may also appear
-        twice because it changed during paging. Callers keep the newest version of each key.
+        version received (inclusive) or, for a listing not declared sorted, from its start, so
+        some records are yielded twice; a record may also appear twice because it changed during
+        paging. Callers keep the newest version of each key.
 
         Raises ``ValueError`` for arguments outside the interface, ``SourceApiError`` /
         ``SourceUnavailableError`` as described on the class.
         """
+        if not self._asks(level, since, until):
+            return
+        for items in self._logged_window(self._listings[level], level, since, until):
+            yield RawPage(items)
+        for page in self.iter_deletions(level, since, until):
+            if page.items:
+                yield page
+
+    def iter_deletions(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
+        """The deletion feed's items of ``level`` in ``[since, until)``, a ``RawPage(deletions=True)``
+        per page of the feed that has items, of this level or not (``others`` counts the rest).
+        Nothing without a feed."""
+        feed = self._feed
+        if feed is None or not self._asks(level, since, until):
+            return
+        deletions = self._api.feed()
+        resource = deletions.resources[level]
+        resource_of = json_getter(deletions.resource_path)
+        for items in self._logged_window(feed, f"{level} deletions", since, until):
+            # Items of every resource come in one feed: the other levels read theirs themselves.
+            mine = [item for item in items if resource_of(item) == resource]
+            yield RawPage(mine, deletions=True, others=len(items) - len(mine))
+
+    def _asks(self, level: str, since: datetime, until: datetime) -> bool:
+        """Whether ``[since, until)`` of ``level`` is worth a request; ValueError for arguments out of bounds."""
         if level not in self._listings:
             raise ValueError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}")
         format_moment(since, "rfc3339")  # refuses naive datetimes before anything else
@@ -577,19 +656,8 @@ class RestClient(SourceClient):
             raise ValueError(f"window starts after it ends: [{since.isoformat()}, {until.isoformat()})")
         if since == until:
             log.debug("%s %s: empty window at %s, nothing to ask", self._name, level, since.isoformat())
-            return
-        for items in self._logged_window(self._listings[level], level, since, until):
-            yield RawPage(items)
-        feed = self._feed
-        if feed is not None:
-            assert isinstance(self._api.deletions, FeedDeletions)
-            resource = self._api.deletions.resources[level]
-            resource_of = json_getter(self._api.deletions.resource_path)
-            for items in self._logged_window(feed, f"{level} deletions", since, until):
-                # Items of every resource come in one feed: the other levels read theirs themselves.
-                mine = [item for item in items if resource_of(item) == resource]
-                if mine:
-                    yield RawPage(mine, deletions=True)
+            return False
+        return True
 
     def counts(self) -> dict[str, int] | None:
         """Live records per level now (``{"subject": n, ...}``), or None when the spec has no counts."""
@@ -631,38 +699,82 @@ class RestClient(SourceClient):
 
     def _window(self, listing: _Listing, since: datetime, until: datetime, stats: _Stats) -> Iterator[list[Any]]:
         position = since  # the lower bound of the current pass: moves only when paging state expires
-        last_seen: datetime | None = None
         stalled = 0
-        end = format_moment(until, listing.window.format, round_up=True)
+        furthest = 0  # unsorted listings: the most pages a pass read before its paging expired
         while True:
+            last_seen: datetime | None = None
+            pages_before = stats.pages
             try:
-                for items in self._pass(listing, position, end, stats):
-                    # Only the last valid version matters: it is where a restart would start. A record
-                    # whose version does not parse is the parser's to quarantine, not a reason to stop.
-                    last_seen = self._last_version(items, listing) or last_seen
+                for items in self._pass(listing, position, until, stats):
+                    if listing.sorted_by_version:
+                        # Only the last valid version matters: it is where a restart would start. A record
+                        # whose version does not parse is the parser's to quarantine, not a reason to stop.
+                        last_seen = self._in_order(items, listing, last_seen)
                     yield items
                 return
             except _ExpiredError:
-                resume = max(last_seen or position, position)
-                stalled = stalled + 1 if resume == position else 0
+                if listing.sorted_by_version:
+                    resume = max(last_seen or position, position)
+                    progress = resume > position
+                else:
+                    # Nothing says where the records read so far end: only the window's start is safe.
+                    resume = since
+                    progress = stats.pages - pages_before > furthest
+                    furthest = max(furthest, stats.pages - pages_before)
+                stalled = 0 if progress else stalled + 1
                 if stalled >= MAX_STALLED_RESTARTS:
-                    raise SourceApiError(
-                        f"{listing.label}: paging expired {stalled} times in a row without progress at "
-                        f"{listing.window.since_param}={format_moment(position, listing.window.format)}; "
-                        f"paging is slower than the source's cursor lifetime"
-                    ) from None
+                    raise SourceApiError(self._stalled_message(listing, stalled, position, furthest)) from None
                 stats.restarts += 1
                 log.info(
                     "%s: paging expired after %d pages, restarting from %s=%s",
-                    listing.label, stats.pages, listing.window.since_param,
+                    listing.label, stats.pages, _since_name(listing.window),
                     format_moment(resume, listing.window.format),
                 )  # fmt: skip
                 position = resume
 
-    def _pass(self, listing: _Listing, position: datetime, end: str, stats: _Stats) -> Iterator[list[Any]]:
-        """One pass over the window from ``position``: pages until the last, or until paging expires."""
+    @staticmethod
+    def _stalled_message(listing: _Listing, stalled: int, position: datetime, furthest: int) -> str:
         window = listing.window
-        params = {**listing.params, window.since_param: format_moment(position, window.format), window.until_param: end}
+        if listing.sorted_by_version:
+            return (
+                f"{listing.label}: paging expired {stalled} times in a row without progress at "
+                f"{_since_name(window)}={format_moment(position, window.format)}; "
+                f"paging is slower than the source's cursor lifetime"
+            )
+        return (
+            f"{listing.label}: paging expired {stalled} times in a row, each pass from the window's start "
+            f"getting no further than {furthest} pages; the listing is not declared sorted by version "
+            f"(order: version_ascending), so a restart cannot resume where paging stopped: declare the "
+            f"order if the source sorts by version, or sync shorter windows"
+        )
+
+    def _in_order(self, items: list[Any], listing: _Listing, previous: datetime | None) -> datetime | None:
+        """The page's last valid version (else ``previous``); SourceApiError when the page starts
+        before ``previous``: the listing is not sorted as ``order: version_ascending`` declares, and
+        a restart from the last version would skip records."""
+        if previous is not None:
+            get, form = listing.version, listing.version_format
+            for item in items:
+                try:
+                    first = parse_moment(get(item), form)
+                except ValueError:
+                    continue
+                if first < previous:
+                    raise SourceApiError(
+                        f"{listing.label}: a page starts at an older version than the previous page ended; "
+                        f"the listing is not sorted by version as order: version_ascending declares "
+                        f"(remove it: expired paging then restarts from the window's start)"
+                    )
+                break
+        return self._last_version(items, listing) or previous
+
+    def _pass(self, listing: _Listing, position: datetime, until: datetime, stats: _Stats) -> Iterator[list[Any]]:
+        """One pass over the window from ``position``: pages until the last, or until paging expires.
+
+        Without an upper bound in the request, records at or after ``until`` are dropped here, and a
+        listing sorted by version ends with the first page that reaches ``until``.
+        """
+        params = {**listing.params, **_window_params(listing.window, position, until)}
         if listing.page_size_param is not None:
             params[listing.page_size_param] = str(self._page_size)
         state = _PageState(listing.url, params, self._page_size, listing.paging)
@@ -676,22 +788,43 @@ class RestClient(SourceClient):
                 raise
             body = self._json_of(response, listing.label)
             items = self._items_of(body, listing)
+            kept, reached = (items, False) if listing.sends_until else self._before(items, listing, until)
             state.pages += 1
             stats.pages += 1
-            stats.records += len(items)
+            stats.records += len(kept)
             log.debug(
-                "%s: page %d, %d records, %.3f s", listing.label, stats.pages, len(items), self._clock() - page_started
+                "%s: page %d, %d records, %.3f s", listing.label, stats.pages, len(kept), self._clock() - page_started
             )
-            if items:
-                yield items
-            if not self._advance(state, listing, response, body, len(items)):
+            if kept:
+                yield kept
+            if reached and listing.sorted_by_version:
+                return  # every later record is at or after until too
+            if not self._advance(state, listing, response, body, items):
                 return
 
+    @staticmethod
+    def _before(items: list[Any], listing: _Listing, until: datetime) -> tuple[list[Any], bool]:
+        """The records before ``until`` (a version that does not parse is kept: the parser quarantines
+        it), and whether any record reached ``until``."""
+        get, form = listing.version, listing.version_format
+        kept: list[Any] = []
+        reached = False
+        for item in items:
+            try:
+                if parse_moment(get(item), form) >= until:
+                    reached = True
+                    continue
+            except ValueError:
+                pass
+            kept.append(item)
+        return kept, reached
+
     def _advance(
-        self, state: _PageState, listing: _Listing, response: requests.Response, body: Any, count: int
+        self, state: _PageState, listing: _Listing, response: requests.Response, body: Any, items: list[Any]
     ) -> bool:
         """Points ``state`` at the next page, per the paging type; False after the last page."""
         paging = listing.paging
+        count = len(items)
         if isinstance(paging, NextLinkPaging | LinkHeaderPaging):
             return self._advance_by_link(state, listing, response, body, count)
         assert state.params is not None
@@ -702,17 +835,45 @@ class RestClient(SourceClient):
             if cursor == state.params.get(paging.cursor_param) and not count:
                 raise SourceApiError(f"{listing.label}: an empty page pointed back to its own cursor")
             state.params[paging.cursor_param] = cursor
+        elif isinstance(paging, LastRecordPaging):
+            if not self._has_more(body, listing, paging.has_more_path) or not count:
+                return False
+            cursor = self._last_record_cursor(items[-1], listing)
+            if cursor == state.params.get(paging.cursor_param):
+                raise SourceApiError(f"{listing.label}: a page ended on the record it started after")
+            state.params[paging.cursor_param] = cursor
         elif isinstance(paging, OffsetPaging):
             state.offset += count
             if count < self._page_size or self._reached(body, listing, state.offset):
                 return False
             state.params[paging.offset_param] = str(state.offset)
-        else:
+        elif isinstance(paging, PageNumberPaging):
             if count < self._page_size or self._reached(body, listing, state.page_number - paging.start + 1):
                 return False
             state.page_number += 1
             state.params[paging.page_param] = str(state.page_number)
         return True
+
+    @staticmethod
+    def _has_more(body: Any, listing: _Listing, path: str) -> bool:
+        assert listing.next_value is not None
+        more = listing.next_value(body)
+        if type(more) is not bool:
+            raise SourceApiError(f"{listing.label}: a page must be an object with {path} (true or false)")
+        return more
+
+    @staticmethod
+    def _last_record_cursor(record: Any, listing: _Listing) -> str:
+        assert listing.last_record_cursor is not None
+        cursor = listing.last_record_cursor(record)
+        if type(cursor) is int:
+            return str(cursor)
+        if type(cursor) is not str or not cursor:
+            raise SourceApiError(
+                f"{listing.label}: the page's last record has no {listing.last_record_cursor_path} to continue "
+                f"after (a string or an integer)"
+            )
+        return cursor
 
     def _advance_by_link(
         self, state: _PageState, listing: _Listing, response: requests.Response, body: Any, count: int
@@ -731,6 +892,8 @@ class RestClient(SourceClient):
 
     def _items_of(self, body: Any, listing: _Listing) -> list[Any]:
         items = listing.records(body)
+        if items is _MISSING and listing.records_optional and type(body) is dict:
+            return []  # an empty page without its records path (empty_page_omits_records)
         if type(items) is not list:
             where = f"an object with {listing.records_path}" if listing.records_path else "an array"
             raise SourceApiError(f"{listing.label}: a page must be {where} of objects")
@@ -739,10 +902,13 @@ class RestClient(SourceClient):
         return items
 
     def _next_value(self, body: Any, listing: _Listing, what: str) -> str | None:
-        """The cursor or next link in ``body``: None (or empty) on the last page; missing is an error."""
+        """The cursor or next link in ``body``: None (or empty) on the last page; missing is an error
+        unless the spec says the last page leaves it out."""
         assert listing.next_value is not None
         value = listing.next_value(body)
         if value is _MISSING:
+            if listing.absent_ends and type(body) is dict:
+                return None  # the last page leaves it out (absent_on_last_page)
             raise SourceApiError(f"{listing.label}: a page must be an object with the {what} (null on the last)")
         if value is None or value == "":
             return None
@@ -848,8 +1014,8 @@ class RestClient(SourceClient):
     def _retry_after(self, response: requests.Response) -> float | None:
         """``Retry-After`` in seconds from now; None when absent or unreadable.
 
-        Integer seconds, or an HTTP date (RFC 9110 allows either; ``api.limits.retry_after`` says
-        which the source sends) judged against the response's own ``Date`` header, so the two
+        Integer seconds, or an HTTP date (RFC 9110 allows either, so both are read whatever the
+        source's contract says) judged against the response's own ``Date`` header, so the two
         machines' clocks need not agree.
         """
         value = (response.headers.get("Retry-After") or "").strip()

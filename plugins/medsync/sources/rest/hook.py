@@ -24,7 +24,10 @@ _DEFAULTS = SourceConfig.model_fields
 class RestSourceHook(HttpHook):
     """Builds a :class:`~medsync.sources.rest.client.RestClient` from an Airflow HTTP connection.
 
-    The connection (conn_type ``http``; the source config's ``connections.api_conn_id``):
+    The connection (the source config's ``connections.api_conn_id``) is of type ``medsync_rest``,
+    whose form says where the secret goes (declared by the in-repo provider distribution
+    ``providers/medsync-airflow-provider``, which is how Airflow finds connection types), or
+    ``http``: only the fields below are read, whatever the type.
 
     - ``host``: the API's full base URL, e.g. ``https://b.example.internal/api/v1`` (a URL
       without a path gets the spec's ``base_path`` appended), or a bare host name, e.g.
@@ -56,8 +59,8 @@ class RestSourceHook(HttpHook):
 
     conn_name_attr = "api_conn_id"
     default_conn_name = "medsync_api"
-    conn_type = "http"
-    hook_name = "Medsync REST source"
+    conn_type = "medsync_rest"
+    hook_name = "medsync: REST source"
 
     def __init__(
         self,
@@ -103,24 +106,6 @@ class RestSourceHook(HttpHook):
             limiter=limiter,
             name=cfg.name,
         )
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """How the connection form shows this hook's fields: where the secret goes."""
-        return {
-            "hidden_fields": [],
-            "relabeling": {
-                "host": "Base URL (or host name)",
-                "schema": "Scheme (http or https, bare host only)",
-                "password": "Secret: API key or bearer token (basic auth: password)",
-                "login": "Login (basic auth only)",
-            },
-            "placeholders": {
-                "host": "https://b.example.internal/api/v1",
-                "schema": "https",
-                "extra": '{"timeout": 30}',
-            },
-        }
 
     def get_conn(  # type: ignore[override]  # a medsync client, not a bare requests session
         self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from medsync.errors import MappingError
+from medsync.levels import Column, staged_columns
 from medsync.levels import spec as level_spec
-from medsync.levels import staged_columns
 from medsync.mapping import EnumMapping, Mapping, UnknownValue
 from medsync.sources.base import Buckets, RawPage, RecordRejected, StagedRecord, synthetic_key
 from medsync.sources.rest import converters
@@ -49,6 +49,8 @@ from medsync.sources.rest.spec import (
     ParentSpec,
     RestApi,
     VersionSpec,
+    join_path,
+    path_keys,
 )
 
 DELETION_ITEM = "medsync_deletion_item"
@@ -68,7 +70,7 @@ Getter = Callable[[dict[str, Any]], Any]
 
 def _getter(path: str) -> Getter:
     """A reader of ``path`` (dotted); an intermediate that is not an object is a shape error."""
-    parts = tuple(path.split("."))
+    parts = path_keys(path)
     if len(parts) == 1:
         name = parts[0]
 
@@ -83,7 +85,7 @@ def _getter(path: str) -> Getter:
             if node is None:
                 return _MISSING
             if type(node) is not dict:
-                raise _Refused(f"{'.'.join(parts[:depth])}: Input should be a valid dictionary")
+                raise _Refused(f"{join_path(parts[:depth])}: Input should be a valid dictionary")
             node = node.get(part, _MISSING)
             if node is _MISSING:
                 return _MISSING
@@ -197,10 +199,11 @@ class _Input:
 
     def fast(self) -> Getter:
         """Extract, required and check in one call; raises on any problem (the explaining path says which)."""
-        if self.kind != "other" and "." not in self.path:
+        keys = path_keys(self.path)
+        if self.kind != "other" and len(keys) == 1:  # a top-level key: read inline
             if self.bounds is not None:
-                return _fast_integer(self.path, self.required, self.bounds)
-            return _fast_plain(self.path, self.kind, self.required, self.bare_check or self.check)
+                return _fast_integer(keys[0], self.required, self.bounds)
+            return _fast_plain(keys[0], self.kind, self.required, self.bare_check or self.check)
         extract, required, check = self.extract, self.required, self.check
         if check is None and not required:
             return extract
@@ -290,6 +293,7 @@ def _field_input(level: str, column: str, field: FieldSpec, buckets: Buckets) ->
         assert field.family is not None and field.given is not None  # the spec requires both
         return _Input(field.family, _pn_parts(field.family, field.given), field.required)
     assert field.path is not None  # the spec requires a path for every other converter
+    column_spec = next(c for c in level_spec(level).columns if c.name == column)
     if convert is None:
         if field.type == "integer":
             return _integer_input(level, column, field)
@@ -297,10 +301,10 @@ def _field_input(level: str, column: str, field: FieldSpec, buckets: Buckets) ->
             return _Input(path, _typed(path, bool, "Input should be a valid boolean"), field.required, kind="boolean")
         check = _uuid_check(path) if field.format == "uuid" else None
         return _Input(path, _string(path), field.required, check, kind="string")
-    return _converted_input(path, convert, field.required, buckets)
+    return _converted_input(path, convert, field.required, buckets, column_spec)
 
 
-def _converted_input(path: str, convert: str, required: bool, buckets: Buckets) -> _Input:
+def _converted_input(path: str, convert: str, required: bool, buckets: Buckets, column: Column) -> _Input:
     """The input of a field with a converter that reads ``path``."""
     check: Callable[[str], str]
     if convert in _VALUE_CONVERTERS:
@@ -314,7 +318,8 @@ def _converted_input(path: str, convert: str, required: bool, buckets: Buckets) 
             return converters.allowed_bucket(value, allowed)
     else:
         # python: module.path:function, the escape hatch (spec.py checked its form).
-        function = converters.load_python(convert.removeprefix("python:").strip())  # FieldSpec.python
+        dotted = convert.removeprefix("python:").strip()  # FieldSpec.python
+        function = _typed_output(converters.load_python(dotted), dotted, column)
         return _Input(path, _converted(path, function), required)
     return _Input(path, _string(path), required, _prefixed(path, check), kind="string", bare_check=check)
 
@@ -341,6 +346,57 @@ def _integer_input(level: str, column: str, field: FieldSpec) -> _Input:
     )
 
 
+_TYPE_NAMES: dict[type, str] = {str: "text", int: "an integer", date: "a date", datetime: "an aware datetime"}
+
+
+def _typed_output(function: Callable[[Any], Any], dotted: str, column: Column) -> Callable[[Any], Any]:
+    """``function`` (a ``python:`` converter) with what it returns checked against A's ``column``.
+
+    Its result goes into a binary COPY, which fails the whole pull on a value of another type: a
+    wrong type (a naive datetime, a ``datetime`` for a date, a bool or an out-of-range integer)
+    raises ValueError, so the one record is held back with the reason. Text has NUL removed as
+    every text does. None is NULL.
+    """
+    stored = column.python_type
+    bounds = converters.INTEGER_RANGE if column.pg_type == "integer" else converters.BIGINT_RANGE
+    refused = (
+        f"python converter {dotted} returned {{}}, but the {column.name} column ({column.pg_type}) takes "
+        f"{_TYPE_NAMES[stored]}"
+    )
+
+    def checked(value: Any) -> Any:
+        out = function(value)
+        if out is None:
+            return None
+        if stored is str:
+            fits = type(out) is str
+            if fits and "\x00" in out:
+                out = out.replace("\x00", "")
+        elif stored is int:
+            fits = type(out) is int and bounds[0] <= out <= bounds[1]
+        elif stored is datetime:
+            fits = type(out) is datetime and out.utcoffset() is not None
+        else:
+            fits = type(out) is date
+        if not fits:
+            what = type(out).__name__
+            if stored is int and type(out) is int:
+                what = "an integer out of range"
+            elif type(out) is datetime and out.utcoffset() is None:
+                what = "a naive datetime"
+            raise ValueError(refused.format(what))
+        return out
+
+    return checked
+
+
+def _integer_text(value: Any) -> str:
+    """An integer reference (``parent.type: integer``) as the decimal text its parent's key is stored as."""
+    if type(value) is not int:
+        raise ValueError("must be an integer (a JSON integer)")
+    return str(value)
+
+
 @dataclass(frozen=True, slots=True)
 class _Constant:
     value: Any
@@ -361,6 +417,7 @@ class _Envelope:
     key: Getter
     key_max_length: int | None
     key_uuid: bool
+    key_integer: bool
     version_path: str
     version: Getter
     convert_version: Callable[[Any], datetime]
@@ -375,6 +432,7 @@ class _Envelope:
             _getter(key.path),
             key.max_length,
             key.format == "uuid",
+            key.type == "integer",
             version.path,
             _getter(version.path),
             _TIME_FORMATS[version.format],
@@ -386,7 +444,11 @@ class _Envelope:
     def fast(self, raw: dict[str, Any]) -> tuple[str, datetime, bool]:
         """Key, version, deleted; raises (anything) when the explaining path must say why."""
         key = self.key(raw)
-        if type(key) is not str:
+        if self.key_integer:
+            if type(key) is not int:  # exact: a JSON true is not an integer
+                raise _Refused
+            key = str(key)
+        elif type(key) is not str:
             raise _Refused
         if "\x00" in key:
             key = key.replace("\x00", "")
@@ -429,6 +491,11 @@ class _Envelope:
         if key is _MISSING:
             problems.append(f"{self.key_path}: Field required")
             return None
+        if self.key_integer:
+            if type(key) is not int:
+                problems.append(f"{self.key_path}: Input should be a valid integer")
+                return None
+            key = str(key)
         if type(key) is not str:
             problems.append(f"{self.key_path}: Input should be a valid string")
             return None
@@ -484,7 +551,9 @@ class _Envelope:
 def _compile_mapped(level: str, level_api: LevelApi, mapping: Mapping, index: dict[str, int]) -> list[_Mapped]:
     """The level's mapping entries bound to the spec's ``mapped`` fields; MappingError when they do not fit.
 
-    A declared field the mapping does not name is not read: nothing is stored from it.
+    A declared field the mapping does not name is not read: nothing is stored from it. Every
+    vocabulary column (A's coded ones: the mapping file's to feed) and every NOT NULL one must be
+    fed; another column that no field makes (a source without accession numbers) is stored NULL.
     """
     where = str(mapping.path) if mapping.path else "the mapping"
     declared = level_api.mapped
@@ -509,7 +578,8 @@ def _compile_mapped(level: str, level_api: LevelApi, mapping: Mapping, index: di
             )
         )
     fed = {c for m in mapped for c in m.entry.columns} | set(level_api.fields.keys()) | {"parent_key"}
-    unfed = [c for c in index if c not in fed]
+    must_feed = {c.name for c in level_spec(level).columns if c.vocabulary or not c.nullable}
+    unfed = [c for c in index if c not in fed and c in must_feed]
     if unfed:
         raise MappingError(f"{where}: {level} has no entry feeding {', '.join(unfed)}")
     return mapped
@@ -530,10 +600,11 @@ class _LevelParser:
     def __init__(self, api: RestApi, level: str, mapping: Mapping, buckets: Buckets) -> None:
         level_api = api.levels[level]
         deletions = api.deletions
+        key, version = api.level_key(level), api.level_version(level)
         if isinstance(deletions, FlagDeletions | DeletedAtDeletions):
-            self.envelope = _Envelope.of(api.key, api.version, deletions.type, deletions.path)
+            self.envelope = _Envelope.of(key, version, deletions.type, deletions.path)
         else:
-            self.envelope = _Envelope.of(api.key, api.version, "live")
+            self.envelope = _Envelope.of(key, version, "live")
         self.feed: _Envelope | None = None
         self.feed_resource: str | None = None
         self.resource_get: Getter | None = None
@@ -596,6 +667,8 @@ class _LevelParser:
 
     @staticmethod
     def _parent_input(parent: ParentSpec) -> _Input:
+        if parent.type == "integer":
+            return _Input(parent.path, _converted(parent.path, _integer_text), parent.required)
         check = _uuid_check(parent.path) if parent.format == "uuid" else None
         return _Input(parent.path, _string(parent.path), parent.required, check, kind="string")
 

@@ -7,7 +7,7 @@ columns, a feed naming every level's resource) are checked here, so a config err
 ``include/sources/c.yaml: api.levels.instance.fields.storage_key.convert: ...``.
 
 Paths into JSON (``path``, ``records_path``, ``cursor_path``, ...) are dotted: ``object.bucket``
-is ``record["object"]["bucket"]``.
+is ``record["object"]["bucket"]``; ``\\.`` is a dot inside a key (:func:`path_keys`).
 
 Imported while DAG files are parsed: pydantic, the standard library and medsync's own light
 ``config``/``levels`` only. (Field docstrings are not turned into schema descriptions:
@@ -17,8 +17,10 @@ pydantic's ``use_attribute_docstrings`` reads the source at import, 0.1 s more p
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Annotated, Literal, get_args
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -26,8 +28,30 @@ from pydantic_core import PydanticCustomError
 from medsync.config import LEVELS
 from medsync.levels import SPECS, Column
 
-JsonPath = Annotated[str, Field(pattern=r"^[^.\s]+(\.[^.\s]+)*$")]
-"""A dotted path into a JSON object: ``data``, ``error.code``, ``name.family``."""
+JsonPath = Annotated[str, Field(pattern=r"^(?:[^.\s\\]|\\[.\\])+(?:\.(?:[^.\s\\]|\\[.\\])+)*$")]
+"""A dotted path into a JSON object: ``data``, ``error.code``, ``name.family``; ``\\.`` is a dot
+inside a key (``@odata\\.nextLink``) and ``\\\\`` a backslash (:func:`path_keys`)."""
+
+_PATH_KEY = re.compile(r"(?:[^.\\]|\\.)+")
+_ESCAPED = re.compile(r"\\(.)")
+
+
+def path_keys(path: str) -> tuple[str, ...]:
+    """The keys a :data:`JsonPath` walks: ``error.code`` -> ``("error", "code")``.
+
+    A key may contain a dot written ``\\.`` (OData's ``@odata\\.nextLink`` is one key) and a
+    backslash written ``\\\\``: the escape of kubectl's, Helm's and gjson's paths. In YAML, single
+    quotes keep a backslash as written (``next_path: '@odata\\.nextLink'``).
+    """
+    if "\\" not in path:
+        return tuple(path.split("."))
+    return tuple(_ESCAPED.sub(r"\1", key) for key in _PATH_KEY.findall(path))
+
+
+def join_path(keys: tuple[str, ...]) -> str:
+    """The :data:`JsonPath` of ``keys``, dots and backslashes in them escaped (``path_keys``' inverse)."""
+    return ".".join(key.replace("\\", "\\\\").replace(".", "\\.") for key in keys)
+
 
 QueryParam = Annotated[str, Field(min_length=1, pattern=r"^[^\s&=#?]+$")]
 """The name of a query parameter."""
@@ -58,13 +82,31 @@ Converter = Literal[
 
 CONVERTERS: frozenset[str] = frozenset(get_args(Converter))
 
+OUTPUT_TYPES: dict[str, type] = {
+    "rfc3339": datetime,
+    "epoch_seconds": datetime,
+    "epoch_millis": datetime,
+    "iso_date": date,
+    "dicom_da": date,
+    "pn_comma": str,
+    "pn_parts": str,
+    "int_string": int,
+    "absolute_key": str,
+    "relative_key": str,
+    "config_bucket": str,
+    "allowed_bucket": str,
+    "uuid_text": str,
+}
+"""What each converter returns when it returns a value (an aware ``datetime`` for the timestamps):
+a field whose converter makes a type its A column does not store is refused when the spec loads
+(``medsync.levels.Column.python_type``). Declared here, not in ``converters``, which DAG parsing
+does not import; ``tests/test_rest_converters.py`` holds each converter to it."""
+
 PYTHON_CONVERTER = re.compile(r"^python:\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
 """``python: some_module.path:function``, the escape hatch; groups: module, function."""
 
 _NO_INPUT_CONVERTERS = frozenset({"config_bucket"})
 """Converters that read nothing from the record."""
-
-_INTEGER_COLUMNS = frozenset({"integer", "bigint"})
 
 
 def _invalid(reason: str) -> PydanticCustomError:
@@ -106,14 +148,15 @@ Auth = Annotated[HeaderAuth | BearerAuth | BasicAuth, Field(discriminator="type"
 
 
 class Limits(_Spec):
-    """What the source allows and how it says "later"."""
+    """What the source allows and how it says "later".
+
+    ``Retry-After`` on 429 and 503 is honoured in both of RFC 9110's forms, integer seconds or an
+    HTTP date (judged against the response's own ``Date``, so clocks need not agree), whichever the
+    source sends: there is nothing to declare (the wait is capped at ``max_backoff_seconds``).
+    """
 
     max_page_size: int | None = Field(default=None, ge=1)
     """The largest page the source serves; the config's ``page_size`` is checked against it."""
-    retry_after: Literal["seconds", "http_date"] = "seconds"
-    """The form of ``Retry-After`` on 429/503 the source documents: integer seconds, or an IMF-fixdate
-    HTTP date, judged against the response's own ``Date`` header (so clocks need not agree). The
-    client understands both (RFC 9110 allows either); the wait is capped at ``max_backoff_seconds``."""
     retry_statuses: tuple[int | Literal["5xx"], ...] = (429, "5xx")
     """Statuses retried with backoff (429 and 503 honour ``Retry-After``); ``5xx`` stands for every
     500-599. Default: 429 and every 5xx (B's and C's contracts). Dropped connections and timeouts
@@ -139,10 +182,19 @@ class KeySpec(_Spec):
 
     path: JsonPath
     """The key's path in the record: a non-empty string (anything else holds the record back)."""
+    type: Literal["string", "integer"] = "string"
+    """``integer``: the key is a JSON integer (Django's, Spring's, OData's numeric ids), stored as
+    its decimal text; anything else holds the record back."""
     format: Literal["uuid"] | None = None
     """``uuid``: must be lower-case UUID text (36 characters), else the record is held back."""
     max_length: int | None = Field(default=None, ge=1)
     """The longest key the source's contract allows; a longer one holds the record back."""
+
+    @model_validator(mode="after")
+    def _uuid_is_text(self) -> KeySpec:
+        if self.type == "integer" and self.format is not None:
+            raise _invalid("format: uuid is for a string key")
+        return self
 
 
 class VersionSpec(_Spec):
@@ -152,19 +204,70 @@ class VersionSpec(_Spec):
     format: TimeFormat = "rfc3339"
 
 
+Order = Literal["version_ascending", "unsorted"]
+"""How a listing is sorted: ``version_ascending`` (by the version, oldest first; ties in any
+order), or ``unsorted`` (any other order, or none the contract promises)."""
+
+_WINDOW_PLACEHOLDERS = frozenset({"since", "until"})
+
+
 class WindowSpec(_Spec):
     """The query parameters bounding a list by version: ``since <= version < until``.
 
-    Both are sent on every list request (never open-ended).
+    The lower bound is sent on every list request, in ``since_param`` or in a template (never
+    open-ended). The upper one is sent when ``until_param`` or a template names it; a source that
+    takes no upper bound (GitHub's ``since``) has its records at or after ``until`` dropped by the
+    client, which then reads the listing to its end, or, when the listing is declared
+    ``order: version_ascending``, stops after the first page that reaches ``until``.
     """
 
-    since_param: QueryParam
-    """The inclusive lower bound."""
-    until_param: QueryParam
-    """The exclusive upper bound."""
+    since_param: QueryParam | None = None
+    """The inclusive lower bound's parameter."""
+    until_param: QueryParam | None = None
+    """The exclusive upper bound's parameter; none: the source takes no upper bound."""
+    templates: dict[QueryParam, str] = Field(default_factory=dict)
+    """Parameters whose value is a template over ``{since}`` and ``{until}`` (the bounds, written in
+    ``format``), for an API whose window is an expression: OData's ``$filter: "Modified ge {since}
+    and Modified lt {until}"``. ``{{`` and ``}}`` are literal braces."""
     format: TimeFormat = "rfc3339"
     """How the bounds are written: RFC 3339 in UTC with microseconds, or integer epoch seconds or
     milliseconds (the lower bound rounded down, the upper one up: nothing in the window is missed)."""
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_name_the_bounds(cls, value: dict[str, str]) -> dict[str, str]:
+        for param, template in value.items():
+            if not _placeholders(template, param):
+                raise _invalid(f"{param}: names neither {{since}} nor {{until}}; a fixed parameter goes in params")
+        return value
+
+    @model_validator(mode="after")
+    def _since_is_sent(self) -> WindowSpec:
+        if not self.sends("since"):
+            raise _invalid("the lower bound is sent nowhere: give since_param, or a template with {since}")
+        return self
+
+    def sends(self, bound: Literal["since", "until"]) -> bool:
+        """Whether the ``since`` or ``until`` bound is in the requests (its parameter or a template)."""
+        if (self.since_param if bound == "since" else self.until_param) is not None:
+            return True
+        return any(bound in _placeholders(template, param) for param, template in self.templates.items())
+
+
+def _placeholders(template: str, param: str) -> frozenset[str]:
+    """The placeholders of a window template; only ``{since}`` and ``{until}``, unformatted."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise _invalid(f"{param}: {exc} (a literal brace is written {{{{ or }}}})") from None
+    named: set[str] = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in _WINDOW_PLACEHOLDERS or spec or conversion:
+            raise _invalid(f"{param}: only {{since}} and {{until}} can be filled in, got {{{name}}}")
+        named.add(name)
+    return frozenset(named)
 
 
 # --- paging ----------------------------------------------------------------------------------------
@@ -173,7 +276,8 @@ class WindowSpec(_Spec):
 class CursorPaging(_Spec):
     """The body carries an opaque cursor (a string) for the next page; null or empty on the last.
 
-    A body without the cursor's key is not a page of this API: the pull fails.
+    A body without the cursor's key is not a page of this API (the pull fails), unless
+    ``absent_on_last_page`` says the source leaves it out on the last page.
     """
 
     type: Literal["cursor"]
@@ -183,14 +287,22 @@ class CursorPaging(_Spec):
     """The cursor's path in the body."""
     page_size_param: QueryParam | None = None
     """The query parameter of the page size (the config's ``page_size``); none: the source's default."""
+    absent_on_last_page: bool = False
+    """The last page leaves the cursor's key out instead of sending null; false: an absent key fails the pull."""
 
 
 class NextLinkPaging(_Spec):
-    """The body carries the next page's URL (absolute or relative to the request's); null on the last."""
+    """The body carries the next page's URL (absolute or relative to the request's); null on the last.
+
+    An absent link fails the pull unless ``absent_on_last_page`` says the source leaves it out on
+    the last page (JSON:API's ``links.next``, HAL's ``_links.next.href``).
+    """
 
     type: Literal["next_link"]
     next_path: JsonPath
     page_size_param: QueryParam | None = None
+    absent_on_last_page: bool = False
+    """The last page leaves the link (or an object on its path) out instead of sending null."""
 
 
 class LinkHeaderPaging(_Spec):
@@ -224,16 +336,35 @@ class PageNumberPaging(_Spec):
     """The path of the number of pages in the body, when the source gives one."""
 
 
+class LastRecordPaging(_Spec):
+    """The next page starts after the last record of this one: Stripe's ``starting_after=<last id>``.
+
+    The body says whether more pages follow (``has_more_path``, a boolean): the last page says
+    false. An empty page also ends the listing (there is no record to continue after).
+    """
+
+    type: Literal["last_record"]
+    cursor_param: QueryParam
+    """The query parameter the last record's cursor is sent in (``starting_after``)."""
+    cursor_path: JsonPath | None = None
+    """The cursor's path in the last record (a string or an integer); none: the record's key."""
+    has_more_path: JsonPath
+    """The path of the body's "more pages follow" boolean (``has_more``)."""
+    page_size_param: QueryParam | None = None
+
+
 Paging = Annotated[
-    CursorPaging | NextLinkPaging | LinkHeaderPaging | OffsetPaging | PageNumberPaging, Field(discriminator="type")
+    CursorPaging | NextLinkPaging | LinkHeaderPaging | OffsetPaging | PageNumberPaging | LastRecordPaging,
+    Field(discriminator="type"),
 ]
 
 
 class ExpiredSpec(_Spec):
     """How the source says the paging state (cursor, snapshot) expired.
 
-    The client then restarts the window without it, from the last version seen (inclusive), so
-    nothing is skipped; records are seen again. Too many restarts without progress fail the pull.
+    The client then restarts the window without it: from the last version seen (inclusive) when
+    the listing is declared ``order: version_ascending``, else from the window's start; either way
+    nothing is skipped and records are seen again. Too many restarts without progress fail the pull.
     """
 
     status: int = Field(ge=400, le=499)
@@ -292,13 +423,19 @@ class FeedDeletions(_Spec):
     version: VersionSpec
     """The deletion's time in an item."""
     window: WindowSpec | None = None
-    """Default: the lists' window."""
+    """Default: the lists' (section-level) window."""
     paging: Paging | None = None
     """Default: the lists' paging."""
     records_path: JsonPath | None = None
     """Where the items are in the body; not given: the lists' ``records_path``; null: the body itself."""
+    empty_page_omits_records: bool | None = None
+    """An empty page leaves ``records_path`` out; default: as the lists say."""
     params: dict[str, str] = Field(default_factory=dict)
     """Fixed query parameters of every feed request (the lists' ``params`` are not sent)."""
+    order: Order = "unsorted"
+    """How the feed is sorted, by the deletion's time (``version`` here). Not inherited from the
+    lists: their order is by another field. ``version_ascending`` lets an expired feed restart
+    where it stopped; ``unsorted`` restarts it from the window's start."""
 
     @field_validator("resources")
     @classmethod
@@ -410,15 +547,39 @@ class ParentSpec(_Spec):
     column such as ``series_uid``."""
     required: bool = False
     """Missing, null or empty holds the record back."""
+    type: Literal["string", "integer"] = "string"
+    """``integer``: the reference is a JSON integer (the parent's integer key), matched as its decimal text."""
     format: Literal["uuid"] | None = None
     """``uuid``: must be lower-case UUID text, else the record is held back."""
+
+    @model_validator(mode="after")
+    def _uuid_is_text(self) -> ParentSpec:
+        if self.type == "integer" and self.format is not None:
+            raise _invalid("format: uuid is for a string reference")
+        return self
 
 
 class LevelFields(_Spec):
     """A column -> :class:`FieldSpec`, for the columns of one level only (``medsync.levels.SPECS``).
 
     Read like a dict of the columns given: ``items()``, ``keys()``, ``in``, ``[column]``, ``len``.
+    A's NOT NULL columns that are not vocabulary (the mapping file feeds those) must be given.
     """
+
+    table: ClassVar[str] = ""
+    """A's table of the level, for messages."""
+    needed: ClassVar[tuple[str, ...]] = ()
+    """A's NOT NULL columns of the level that only a field can make."""
+
+    @model_validator(mode="after")
+    def _not_null_columns_are_made(self) -> LevelFields:
+        missing = [column for column in self.needed if column not in self]
+        if missing:
+            raise _invalid(
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} NOT NULL in A's imaging.{self.table}: "
+                f"a field must make {'it' if len(missing) == 1 else 'each'}, with required: true"
+            )
+        return self
 
     def items(self) -> Iterator[tuple[str, FieldSpec]]:
         for column in type(self).model_fields:
@@ -449,13 +610,25 @@ class LevelFields(_Spec):
 
 
 class LevelApi(_Spec):
-    """One A level's list endpoint and how its records map onto A's columns."""
+    """One A level's list endpoint and how its records map onto A's columns.
+
+    ``key``, ``version``, ``window`` and ``order`` override the section's for this level only (an
+    API whose resources name their modification time differently, or filter by other parameters).
+    """
 
     endpoint: Endpoint
     records_path: JsonPath | None = None
     """Where the records are; not given: the section's ``records_path``; null: the body itself."""
     params: dict[str, str] = Field(default_factory=dict)
     """Fixed query parameters of this level, over the section's ``params`` (a level's value wins)."""
+    key: KeySpec | None = None
+    """Where this level's records have their key; none: the section's ``key``."""
+    version: VersionSpec | None = None
+    """Where this level's records have their version; none: the section's ``version``."""
+    window: WindowSpec | None = None
+    """This level's window parameters; none: the section's ``window``."""
+    order: Order | None = None
+    """How this level's listing is sorted; none: the section's ``order``."""
     parent: ParentSpec | None = None
     """Every child level has one; the top level (subject) none."""
     fields: LevelFields = LevelFields()
@@ -489,13 +662,41 @@ class Levels(_Spec):
         return len(LEVELS)
 
 
-def _column_check(column: Column) -> Callable[[FieldSpec | None], FieldSpec | None]:
-    integer_column = column.pg_type in _INTEGER_COLUMNS
+_RAW_TYPES: dict[str, type] = {"string": str, "integer": int, "boolean": bool}
+_TYPE_NAMES: dict[type, str] = {
+    str: "text",
+    int: "an integer",
+    date: "a date",
+    datetime: "a timestamp",
+    bool: "a boolean",
+}
+_CONVERTERS_MAKING: dict[type, str] = {
+    made: ", ".join(sorted(name for name, out in OUTPUT_TYPES.items() if out is made))
+    for made in set(OUTPUT_TYPES.values())
+}
+
+
+def _column_check(table: str, column: Column) -> Callable[[FieldSpec | None], FieldSpec | None]:
+    stored = column.python_type
 
     def check(field: FieldSpec | None) -> FieldSpec | None:
-        if field is not None and field.convert is None and (field.type == "integer") != integer_column:
-            hint = "; use type: integer or convert: int_string" if integer_column else ""
+        if field is None:
+            return None
+        # A value of the wrong type would fail the binary COPY of the whole pull: refused here instead.
+        if field.convert is None and _RAW_TYPES[field.type] is not stored:
+            hint = "; use type: integer or convert: int_string" if stored is int else ""
+            if stored in (date, datetime):
+                hint = f"; use a converter ({_CONVERTERS_MAKING[stored]}) or python:"
             raise _invalid(f"type {field.type} does not fit the column's {column.pg_type}{hint}")
+        if field.convert in OUTPUT_TYPES and OUTPUT_TYPES[field.convert] is not stored:
+            made = OUTPUT_TYPES[field.convert]
+            raise _invalid(
+                f"convert: {field.convert} makes {_TYPE_NAMES[made]}, which the column's {column.pg_type} does not "
+                f"store (converters making {_TYPE_NAMES[stored]}: {_CONVERTERS_MAKING.get(stored, 'none')})"
+            )
+        if not column.nullable and not field.required and field.convert not in _NO_INPUT_CONVERTERS:
+            # A null would fail the merge of the whole batch; required holds the one record back instead.
+            raise _invalid(f"{column.name} is NOT NULL in A's imaging.{table}: the field needs required: true")
         return field
 
     return check
@@ -511,6 +712,10 @@ def _parent_check(level: str) -> Callable[[ParentSpec | None], ParentSpec | None
             return None
         if parent is None:
             raise _invalid(f"a {level} must say how it names its {parent_level} (path, by, required)")
+        if not parent.required:
+            # A's foreign key is NOT NULL: a record without its parent could never be stored.
+            where = f"imaging.{SPECS[level].table}.{SPECS[level].parent_fk}"
+            raise _invalid(f"A's {where} is NOT NULL: the parent needs required: true")
         columns = SPECS[parent_level].column_names
         if parent.by != "source_key" and parent.by not in columns:
             raise _invalid(
@@ -522,13 +727,15 @@ def _parent_check(level: str) -> Callable[[ParentSpec | None], ParentSpec | None
 
 
 def _level_model(level: str) -> type[LevelApi]:
-    columns = SPECS[level].columns
-    fields_model = create_model(  # type: ignore[call-overload]
+    table, columns = SPECS[level].table, SPECS[level].columns
+    fields_model: type[LevelFields] = create_model(  # type: ignore[call-overload]
         f"{level.title()}Fields",
         __base__=LevelFields,
         __doc__=f"The columns of {level}: {', '.join(c.name for c in columns)}.",
-        **{c.name: (Annotated[FieldSpec | None, AfterValidator(_column_check(c))], None) for c in columns},
+        **{c.name: (Annotated[FieldSpec | None, AfterValidator(_column_check(table, c))], None) for c in columns},
     )
+    fields_model.table = table
+    fields_model.needed = tuple(c.name for c in columns if not c.nullable and not c.vocabulary)
     model: type[LevelApi] = create_model(
         f"{level.title()}Api",
         __base__=LevelApi,
@@ -537,7 +744,7 @@ def _level_model(level: str) -> type[LevelApi]:
             Annotated[ParentSpec | None, AfterValidator(_parent_check(level))],
             Field(default=None, validate_default=True),
         ),
-        fields=(fields_model, fields_model()),
+        fields=(fields_model, Field(default_factory=dict, validate_default=True)),  # no fields: NOT NULL ones missing
     )
     return model
 
@@ -558,13 +765,24 @@ class RestApi(_Spec):
     base_path: str = Field(default="", pattern=r"^(/[^\s?#]*)?$")
     """Appended to the connection's URL when that has no path (a bare host, or a URL ending at the host)."""
     limits: Limits = Limits()
-    key: KeySpec
-    version: VersionSpec
-    window: WindowSpec
+    key: KeySpec | None = None
+    """Where a record's key is; may be left out when every level says its own."""
+    version: VersionSpec | None = None
+    """Where a record's version is; may be left out when every level says its own."""
+    window: WindowSpec | None = None
+    """The lists' window parameters; may be left out when every level (and a feed) says its own."""
+    order: Order = "unsorted"
+    """How the lists are sorted. ``version_ascending`` (by ``version``, oldest first) lets a window
+    whose cursor or snapshot expired restart at the last version received, and a window without an
+    upper bound stop at ``until``; ``unsorted`` restarts from the window's start and reads an
+    unbounded listing to its end."""
     params: dict[str, str] = Field(default_factory=dict)
     """Fixed query parameters of every list request (e.g. ``include_deleted: "true"``)."""
     records_path: JsonPath | None = None
     """Where a list page's records are (``data``); none: the body is the array."""
+    empty_page_omits_records: bool = False
+    """An empty page leaves ``records_path`` out altogether (Spring Data REST's HAL ``_embedded``):
+    an absent records path then reads as no records. False: it fails the pull as a malformed page."""
     paging: Paging
     expired: ExpiredSpec | None = None
     """How the source says a cursor or snapshot expired; none: it never does."""
@@ -576,6 +794,18 @@ class RestApi(_Spec):
     else:
         levels: _LevelsModel
     """Exactly A's four levels: subject, study, sequence, instance."""
+
+    @model_validator(mode="after")
+    def _identity_and_window_everywhere(self) -> RestApi:
+        for what in ("key", "version", "window"):
+            if getattr(self, what) is None:
+                lacking = [level for level in LEVELS if getattr(self.levels[level], what) is None]
+                if lacking:
+                    raise _invalid(f"{what} is needed here or in every level (not in {', '.join(lacking)})")
+        feed = self.deletions
+        if isinstance(feed, FeedDeletions) and feed.window is None and self.window is None:
+            raise _invalid("deletions: the feed needs its own window when the section has none")
+        return self
 
     @model_validator(mode="after")
     def _paging_reads_an_object(self) -> RestApi:
@@ -603,17 +833,55 @@ class RestApi(_Spec):
         """The fixed query parameters of ``level``'s list requests."""
         return {**self.params, **self.levels[level].params}
 
-    def feed_records_path(self) -> str | None:
-        """Where the deletion feed's items are in a page."""
+    def level_key(self, level: str) -> KeySpec:
+        """Where ``level``'s records have their key."""
+        key = self.levels[level].key or self.key
+        assert key is not None  # _identity_and_window_everywhere
+        return key
+
+    def level_version(self, level: str) -> VersionSpec:
+        """Where ``level``'s records have their version."""
+        version = self.levels[level].version or self.version
+        assert version is not None  # _identity_and_window_everywhere
+        return version
+
+    def level_window(self, level: str) -> WindowSpec:
+        """``level``'s window parameters."""
+        window = self.levels[level].window or self.window
+        assert window is not None  # _identity_and_window_everywhere
+        return window
+
+    def level_order(self, level: str) -> Order:
+        """How ``level``'s listing is sorted."""
+        return self.levels[level].order or self.order
+
+    def feed(self) -> FeedDeletions:
+        """The deletion feed; ValueError when deletions are not a feed."""
         feed = self.deletions
         if not isinstance(feed, FeedDeletions):
             raise ValueError("the source has no deletion feed")
+        return feed
+
+    def feed_records_path(self) -> str | None:
+        """Where the deletion feed's items are in a page."""
+        feed = self.feed()
         return feed.records_path if "records_path" in feed.model_fields_set else self.records_path
 
+    def feed_window(self) -> WindowSpec:
+        """The deletion feed's window parameters."""
+        window = self.feed().window or self.window
+        assert window is not None  # _identity_and_window_everywhere
+        return window
 
-def _reads_body(paging: CursorPaging | NextLinkPaging | LinkHeaderPaging | OffsetPaging | PageNumberPaging) -> bool:
+    def feed_omits_records(self) -> bool:
+        """Whether an empty page of the deletion feed leaves its records path out."""
+        omits = self.feed().empty_page_omits_records
+        return self.empty_page_omits_records if omits is None else omits
+
+
+def _reads_body(paging: Paging) -> bool:
     return (
-        isinstance(paging, CursorPaging | NextLinkPaging)
+        isinstance(paging, CursorPaging | NextLinkPaging | LastRecordPaging)
         or (isinstance(paging, OffsetPaging) and paging.total_path is not None)
         or (isinstance(paging, PageNumberPaging) and paging.total_pages_path is not None)
     )

@@ -90,7 +90,7 @@ def ensure_staging_table(conn: psycopg.Connection, source: str, level: str, run_
             (MEDSYNC_LOCK_CLASS, f"stage:{source}:{level}:{run_id}"),
         )
         conn.execute(
-            sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (LIKE {})").format(
+            sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
                 table, sql.Identifier(SCHEMA, f"stage_{level}")
             )
         )

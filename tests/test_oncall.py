@@ -73,6 +73,33 @@ def test_a_permanent_error_fails_the_task_at_once_with_its_message() -> None:
             raise psycopg.errors.SerializationFailure("could not serialize access")
 
 
+def test_errors_on_task_paths_are_medsync_errors_that_fail_at_once(a_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a task can meet besides the source and A's data: each fails the task without retries."""
+    from airflow.providers.postgres.hooks import postgres as postgres_provider
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from medsync.hooks.a_database import ADatabaseHook
+    from medsync.levels import spec
+    from medsync.staging import window_slice
+    from medsync.windows import Window, plan_window
+
+    tiny = Window(BASE, BASE + timedelta(microseconds=1))
+    dbname = psycopg.conninfo.conninfo_to_dict(a_db)["dbname"]
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{dbname}")
+    # The postgres provider hands out psycopg2 connections under SQLAlchemy 1 (a wrong installation).
+    monkeypatch.setattr(postgres_provider, "USE_PSYCOPG3", False)
+    failing: list[tuple[type[MedsyncError], Any]] = [
+        (errors.RunParamsError, lambda: plan_window(RunFacts("scheduled", None, None, BASE), None, timedelta(0))),
+        (errors.RunParamsError, lambda: window_slice(tiny, 4, 3)),
+        (errors.ConfigError, lambda: spec("patient")),
+        (errors.ConfigError, lambda: ADatabaseHook().get_conn()),
+    ]
+    for expected, call in failing:
+        with pytest.raises(AirflowFailException) as caught, failures.fail_fast():
+            call()
+        assert type(caught.value.__cause__) is expected, caught.value
+
+
 def test_an_error_that_may_quote_a_record_is_recorded_by_class_only(a_db: str) -> None:
     with psycopg.connect(a_db) as conn, pytest.raises(psycopg.errors.InvalidDatetimeFormat) as caught:
         conn.execute("SELECT 'MRN-4471-SECRET'::date")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medsync.config import LEVELS
+from medsync.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def spec(level: str) -> LevelSpec:
     try:
         return SPECS[level]
     except KeyError:
-        raise ValueError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}") from None
+        raise ConfigError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}") from None
 
 
 def staged_columns(level: str) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 from uuid_utils import uuid7
 
+from medsync.errors import RunParamsError
 from medsync.levels import STAGE_FIXED_COLUMNS, staged_columns
 from medsync.schema import MEDSYNC_LOCK_CLASS, SCHEMA
 from medsync.sources.base import RawPage, RecordParser, RecordRejected, StagedRecord
@@ -360,5 +361,9 @@ class Progress:
 def window_slice(window: Window, slices: int, index: int) -> Window:
     parts = window.slices(slices)
     if not 0 <= index < len(parts):
-        raise ValueError(f"slice {index} of a window split into {len(parts)}")
+        # A window shorter than its slice count (microseconds) splits into fewer slices.
+        raise RunParamsError(
+            f"slice {index} of window [{window.since.isoformat()}, {window.until.isoformat()}), "
+            f"which splits into {len(parts)} slices"
+        )
     return parts[index]

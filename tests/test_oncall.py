@@ -9,6 +9,7 @@ real HTTP webhook receiver on loopback. Airflow's own part (a context handed to 
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -306,6 +307,38 @@ def test_a_refused_key_marks_the_run_failed_with_its_reason_and_tells_someone(
     assert env.query("SELECT failed_task, error_class FROM medsync.sync_run WHERE id = %s", plan["run_id"]) == [
         ("pull_subjects", "SourceApiError")
     ]
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (chosen by the OS, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_someone_is_told_even_when_a_database_is_unreachable(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    plan = tasks.prepare("b", dag_run_id="manual__a_down", facts=facts)
+    # A's database goes away: the ledger cannot be written, the callbacks must not fail for it.
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:{_closed_port()}/a")
+    with caplog.at_level(logging.INFO, "medsync"):
+        _fail(env, "manual__a_down", "merge_subjects", errors.MergeError("lock on source b not obtained"))
+        failures.run_failed("b", {"dag_run": FakeDagRun("manual__a_down"), "reason": "task_failure"})
+
+    # Both callbacks alert (neither can tell from the ledger whether the other did), through both channels.
+    assert len(env.received.mails) == 2 and len(env.received.posts) == 2
+    task_mail, run_mail = env.received.mails
+    assert "failed in merge_subjects: MergeError" in task_mail["subject"] and "RunFailed" in run_mail["subject"]
+    for text in (task_mail["body"], run_mail["body"], *(str(p["json"]) for p in env.received.posts)):
+        assert "manual__a_down" in text and "ledger not written" in text
+    assert "lock on source b not obtained" in task_mail["body"]
+    # The ledger could not be written, and the log says so by the error's class only.
+    assert env.query("SELECT status FROM medsync.sync_run WHERE id = %s", plan["run_id"]) == [("running",)]
+    unwritten = [r.getMessage() for r in caplog.records if "ledger could not be written" in r.getMessage()]
+    assert len(unwritten) == 2 and all("(OperationalError)" in m for m in unwritten), unwritten
+    assert not any("refused" in r.getMessage().lower() for r in caplog.records)
 
 
 def test_a_run_killed_without_callbacks_is_taken_over_by_the_next_run_at_once(env: Env) -> None:

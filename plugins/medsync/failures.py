@@ -13,16 +13,25 @@
 
 Messages come only from medsync's own errors, which carry no record contents. Any other
 exception (a database error may quote a row) is recorded by class (and SQLSTATE) only.
+
+Both callbacks write the ledger on a best-effort basis: when A's database cannot be reached or
+written, the alert still goes out and says so, because then it is the only news of the failure.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import psycopg
 
 from medsync.errors import MedsyncError, is_permanent
+
+if TYPE_CHECKING:
+    from medsync.config import SourceConfig
+    from medsync.ledger import Failed
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +77,44 @@ def describe_error(exc: BaseException | str | None) -> tuple[str, str, bool | No
     )
 
 
+def _write_ledger(
+    cfg: SourceConfig, dag_run_id: str, write: Callable[[psycopg.Connection], Failed | None]
+) -> tuple[Failed | None, bool]:
+    """``write``'s result on A's database and True; (None, False) when A cannot be reached or written.
+
+    A failure callback must tell someone even when A's database is down (that may be why the
+    run failed), so the ledger is best effort here and the caller alerts regardless.
+    """
+    from medsync.tasks import connect_a
+
+    try:
+        with connect_a(cfg) as conn:
+            return write(conn), True
+    except psycopg.Error as exc:
+        # By class only: a database error's text may quote a row or name the server.
+        log.error("run %s of %s: the ledger could not be written (%s); alerting without it",
+                  dag_run_id, cfg.name, type(exc).__name__)  # fmt: skip
+        return None, False
+
+
 def task_failed(source: str, context: Any) -> None:
     """A task failed for good: the ledger says so now, and someone is told."""
     from medsync import alerts, ledger
     from medsync.config import get_source_config
-    from medsync.tasks import connect_a
 
     ti = context.get("ti") or context.get("task_instance")
     dag_run = context["dag_run"]
     task_id = getattr(ti, "task_id", None)
     error_class, message, permanent = describe_error(context.get("exception"))
     cfg = get_source_config(source)
-    with connect_a(cfg) as conn:
-        failed = ledger.fail(conn, source, dag_run.run_id, task_id=task_id, error_class=error_class, message=message)
+
+    def fail(conn: psycopg.Connection) -> Failed | None:
+        return ledger.fail(conn, source, dag_run.run_id, task_id=task_id, error_class=error_class, message=message)
+
+    failed, ledger_written = _write_ledger(cfg, dag_run.run_id, fail)
     run_id = failed.run.id if failed else None
     log.error("run %s of %s failed in %s: %s: %s", dag_run.run_id, source, task_id, error_class, message)
+    # Unwritten, the ledger cannot say whether another callback alerted already: alert again.
     if cfg.alerts.on_failure and (failed is None or failed.first):
         alert = alerts.failure_alert(
             cfg,
@@ -94,6 +126,7 @@ def task_failed(source: str, context: Any) -> None:
             try_number=getattr(ti, "try_number", None),
             max_tries=getattr(ti, "max_tries", None),
             permanent=permanent,
+            ledger_written=ledger_written,
         )
         alerts.send(cfg.alerts, alert, context)
 
@@ -102,19 +135,29 @@ def run_failed(source: str, context: Any) -> None:
     """The whole run failed: the ledger says so if no task did, the run's staging is dropped."""
     from medsync import alerts, ledger, merge, staging
     from medsync.config import get_source_config
-    from medsync.tasks import connect_a
 
     dag_run = context["dag_run"]
     reason = str(context.get("reason") or "the run failed")
     cfg = get_source_config(source)
-    with connect_a(cfg) as conn:
+
+    def fail_and_drop_staging(conn: psycopg.Connection) -> Failed | None:
         failed = ledger.fail(conn, source, dag_run.run_id, task_id=None, error_class="RunFailed", message=reason)
         if failed is not None:
             staging.drop_staging_tables(conn, source, failed.run.id)
             merge.drop_work_tables(conn, source, failed.run.id)
-    log.error("run %s of %s failed (%s); its staging is dropped", dag_run.run_id, source, reason)
-    if cfg.alerts.on_failure and failed is not None and failed.first:
+        return failed
+
+    failed, ledger_written = _write_ledger(cfg, dag_run.run_id, fail_and_drop_staging)
+    log.error("run %s of %s failed (%s)%s", dag_run.run_id, source, reason,
+              "; its staging is dropped" if ledger_written else "")  # fmt: skip
+    if cfg.alerts.on_failure and (not ledger_written or (failed is not None and failed.first)):
         alert = alerts.failure_alert(
-            cfg, dag_run_id=dag_run.run_id, run_id=failed.run.id, task_id=None, error_class="RunFailed", message=reason
+            cfg,
+            dag_run_id=dag_run.run_id,
+            run_id=failed.run.id if failed else None,
+            task_id=None,
+            error_class="RunFailed",
+            message=reason,
+            ledger_written=ledger_written,
         )
         alerts.send(cfg.alerts, alert, context)

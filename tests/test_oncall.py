@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import socket
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -186,9 +185,11 @@ class Ctx:
     ti: Any
     dag_run: Any
     exception: BaseException | str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
     def as_context(self) -> dict[str, Any]:
-        return {"ti": self.ti, "dag_run": self.dag_run, "exception": self.exception, "reason": "task_failure"}
+        return {"ti": self.ti, "dag_run": self.dag_run, "exception": self.exception, "reason": "task_failure",
+                "params": self.params}  # fmt: skip
 
 
 @dataclass
@@ -201,6 +202,7 @@ class FakeTi:
 @dataclass
 class FakeDagRun:
     run_id: str
+    run_type: str = "manual"
 
 
 class Env:
@@ -360,6 +362,49 @@ def test_a_run_killed_without_callbacks_is_taken_over_by_the_next_run_at_once(en
     assert env.staging_tables(beside["run_id"])
 
 
+ONCALL_QUERY = (
+    "SELECT id, dag_run_id, run_type, status, failed_task, error_class, error_message, started_at, finished_at"
+    " FROM medsync.sync_run WHERE source_system = 'b' ORDER BY id DESC LIMIT 10"
+)
+"""The README's on-call query."""
+
+
+def test_a_run_refused_before_prepare_registered_it_is_in_the_ledger_as_failed(env: Env) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from medsync import schema
+
+    with psycopg.connect(env.dsn, autocommit=True) as conn:
+        schema.migrate(conn)  # medsync's schema exists: every earlier run's prepare made it
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    params = {"full_refresh": True, "levels": ["patient"]}
+    with pytest.raises(AirflowFailException) as caught, failures.fail_fast():
+        tasks.prepare("b", dag_run_id="manual__bad_levels", facts=facts, levels=params["levels"])
+    failures.task_failed("b", Ctx(FakeTi("prepare", 1, 3), FakeDagRun("manual__bad_levels"), caught.value,
+                                  params).as_context())  # fmt: skip
+    failures.run_failed("b", {"dag_run": FakeDagRun("manual__bad_levels"), "reason": "task_failure", "params": params})
+
+    # A's tables not as expected: a scheduled run refused by prepare's checks.
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("ALTER TABLE imaging.study DROP COLUMN accession_number")
+    scheduled = RunFacts("scheduled", BASE - timedelta(hours=12), BASE, BASE)
+    with pytest.raises(AirflowFailException) as caught, failures.fail_fast():
+        tasks.prepare("b", dag_run_id="scheduled__a_changed", facts=scheduled)
+    failures.task_failed("b", Ctx(FakeTi("prepare", 1, 3), FakeDagRun("scheduled__a_changed", "scheduled"),
+                                  caught.value).as_context())  # fmt: skip
+
+    rows = {r[1]: r for r in env.query(ONCALL_QUERY)}
+    _, _, kind, status, task, error_class, message, started, finished = rows["manual__bad_levels"]
+    assert (kind, status, task, error_class) == ("full_refresh", "failed", "prepare", "RunParamsError")
+    assert "levels must be a non-empty subset" in message and started <= finished
+    _, _, kind, status, task, error_class, message, _, _ = rows["scheduled__a_changed"]
+    assert (kind, status, task, error_class) == ("scheduled", "failed", "prepare", "SchemaError")
+    assert "imaging.study.accession_number is missing" in message
+    # One alert per run: the run-level callback after the task's sends none.
+    subjects = [m["subject"] for m in env.received.mails]
+    assert len(subjects) == 2 and "manual__bad_levels failed in prepare: RunParamsError" in subjects[0], subjects
+
+
 def test_run_state_lives_in_the_ledger_module_only() -> None:
     root = Path(__file__).resolve().parents[1] / "plugins" / "medsync"
     for path in root.rglob("*.py"):
@@ -474,4 +519,10 @@ def test_ledger_keeps_the_first_reason(a_db: str) -> None:
         second = ledger.fail(conn, "b", "r1", task_id=None, error_class="RunFailed", message="task_failure")
         assert first is not None and first.first and second is not None and not second.first
         assert ledger.failure(conn, run_id)["failed_task"] == "merge_subjects"
-        assert ledger.fail(conn, "b", f"unknown-{uuid.uuid4().hex}", task_id=None, error_class="X", message="") is None
+        # A run prepare never registered is recorded, failed, with what the caller knows of it.
+        unknown = ledger.fail(conn, "b", "never-prepared", task_id="prepare", error_class="X", message="m",
+                              run_type="repair")  # fmt: skip
+        assert unknown is not None and unknown.first and unknown.run.run_type == "repair"
+        assert ledger.failure(conn, unknown.run.id)["status"] == "failed"
+        again = ledger.fail(conn, "b", "never-prepared", task_id=None, error_class="RunFailed", message="")
+        assert again is not None and not again.first and again.run.id == unknown.run.id

@@ -135,3 +135,12 @@ def test_runs_airflow_ended_without_a_word_are_taken_over_by_the_next_run(stack:
                         killed_id, gone_id)  # fmt: skip
     assert ended == [(killed_id, "failed", "RunEnded"), (gone_id, "failed", "RunEnded")]
     assert stack.staging_tables(gone_id) == []
+
+
+def test_a_run_whose_trigger_params_are_refused_is_in_the_ledger_as_failed(stack: Stack) -> None:
+    _run(stack, stack.env, since="2026-03-01T00:00:00+00:00")  # a repair window without its end
+
+    _, status, task, error_class, message = stack.last_run()
+    assert (status, task, error_class) == ("failed", "prepare", "RunParamsError"), message
+    assert "a repair window needs both since and until" in message
+    assert stack.query("SELECT run_type FROM medsync.sync_run ORDER BY id DESC LIMIT 1") == [("repair",)]

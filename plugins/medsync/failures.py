@@ -6,7 +6,8 @@
 - ``task_failed`` is every task's ``on_failure_callback`` (called once the task has failed
   for good, in the task's process, or by Airflow for a task whose process died): it marks
   the run ``failed`` in ``medsync.sync_run`` with the task, the error's class and message,
-  and sends the failure alert.
+  and sends the failure alert. A run that failed before prepare registered it (refused
+  params, mapping or A's tables) gets its row then, failed, with what the callback knows.
 - ``run_failed`` is the DAG's ``on_failure_callback`` (the run failed, was marked failed or
   timed out): it marks the run failed if no task did, drops the run's staging and work
   tables (no task of the run runs any more), and alerts if no task-level alert went out.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -97,6 +99,20 @@ def _write_ledger(
         return None, False
 
 
+def run_kind(context: Any) -> str:
+    """The run's kind (``medsync.windows``) as far as a callback can tell, for a run that failed
+    before prepare registered it. Its params are read as given: they may be what was refused."""
+    from medsync.windows import REPAIR, RunFacts, sync_kind
+
+    params = context.get("params") or {}
+    full_refresh = bool(params.get("full_refresh"))
+    if not full_refresh and (params.get("since") or params.get("until")):
+        return REPAIR
+    run_type = getattr(context["dag_run"], "run_type", None)  # Airflow's DagRunType, a str Enum
+    airflow_run_type = str(getattr(run_type, "value", run_type) or "unknown")
+    return sync_kind(RunFacts(airflow_run_type, None, None, datetime.now(UTC), full_refresh=full_refresh))
+
+
 def task_failed(source: str, context: Any) -> None:
     """A task failed for good: the ledger says so now, and someone is told."""
     from medsync import alerts, ledger
@@ -109,7 +125,8 @@ def task_failed(source: str, context: Any) -> None:
     cfg = get_source_config(source)
 
     def fail(conn: psycopg.Connection) -> Failed | None:
-        return ledger.fail(conn, source, dag_run.run_id, task_id=task_id, error_class=error_class, message=message)
+        return ledger.fail(conn, source, dag_run.run_id, task_id=task_id, error_class=error_class, message=message,
+                           run_type=run_kind(context))  # fmt: skip
 
     failed, ledger_written = _write_ledger(cfg, dag_run.run_id, fail)
     run_id = failed.run.id if failed else None
@@ -141,7 +158,8 @@ def run_failed(source: str, context: Any) -> None:
     cfg = get_source_config(source)
 
     def fail_and_drop_staging(conn: psycopg.Connection) -> Failed | None:
-        failed = ledger.fail(conn, source, dag_run.run_id, task_id=None, error_class="RunFailed", message=reason)
+        failed = ledger.fail(conn, source, dag_run.run_id, task_id=None, error_class="RunFailed", message=reason,
+                             run_type=run_kind(context))  # fmt: skip
         if failed is not None:
             staging.drop_staging_tables(conn, source, failed.run.id)
             merge.drop_work_tables(conn, source, failed.run.id)

@@ -446,6 +446,48 @@ def test_a_full_refresh_against_a_source_behind_a_names_it_and_leaves_a_unchange
     assert env.a_rows() == before
 
 
+def test_the_report_alert_goes_out_once_and_only_for_a_run_that_passes_its_checks(env: Env) -> None:
+    def report_alerts(dag_run_id: str) -> tuple[list[str], list[dict[str, Any]]]:
+        mails = [m["subject"] for m in env.received.mails if f"run {dag_run_id} succeeded" in m["subject"]]
+        posts = [p["json"] for p in env.received.posts
+                 if p["json"]["event"] == "report" and p["json"]["dag_run_id"] == dag_run_id]  # fmt: skip
+        return mails, posts
+
+    env.sync("manual__first")
+    # A full refresh that then fails its check: an instance of A deleted behind medsync's back after
+    # the merges (A's kept count drifts, a threshold; A and B differ, unexplained). It alerts as
+    # failed (by its callback), never as "succeeded, but".
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    plan = tasks.prepare("b", dag_run_id="manual__drift", facts=facts)
+    for level in LEVELS:
+        tasks.pull("b", level, plan["run_id"])
+    for level in LEVELS:
+        tasks.merge("b", level, plan["run_id"])
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("DELETE FROM imaging.instance WHERE id = (SELECT min(id::text)::uuid FROM imaging.instance)")
+    with pytest.raises(errors.ReconciliationError):
+        tasks.report("b", plan["run_id"])
+    assert report_alerts("manual__drift") == ([], [])
+
+    # A window run whose report crosses a threshold (records older than A), its report task run twice
+    # (a retry, or cleared): one alert per channel, and the ledger says it went out.
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("UPDATE imaging.subject SET source_updated_at = source_updated_at + interval '1 day'")
+    window = RunFacts("scheduled", BASE - timedelta(days=4), BASE, BASE)
+    plan = tasks.prepare("b", dag_run_id="scheduled__older", facts=window)
+    for level in LEVELS:
+        tasks.pull("b", level, plan["run_id"])
+    for level in LEVELS:
+        tasks.merge("b", level, plan["run_id"])
+    tasks.report("b", plan["run_id"])
+    tasks.report("b", plan["run_id"])
+    mails, posts = report_alerts("scheduled__older")
+    assert len(mails) == 1 and len(posts) == 1, (mails, posts)
+    assert any("older than A holds" in line for line in posts[0]["details"])
+    ((alerted,),) = env.query("SELECT report_alerted_at FROM medsync.sync_run WHERE id = %s", plan["run_id"])
+    assert alerted is not None
+
+
 # --- repairs: levels, an exact window, dry run ---------------------------------------------------------------
 
 

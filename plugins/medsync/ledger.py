@@ -129,6 +129,16 @@ def add_to_report(conn: psycopg.Connection, run_id: int, part: dict[str, Any]) -
     return dict(row[0]) if row else part
 
 
+def report_alerted(conn: psycopg.Connection, run_id: int) -> bool:
+    """Whether the run's report alert went out already (a report task that runs again sends none)."""
+    row = conn.execute("SELECT report_alerted_at IS NOT NULL FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
+    return row == (True,)
+
+
+def record_report_alert(conn: psycopg.Connection, run_id: int) -> None:
+    conn.execute("UPDATE medsync.sync_run SET report_alerted_at = now() WHERE id = %s", (run_id,))
+
+
 def succeed(conn: psycopg.Connection, source: str, run_id: int, *, advance_watermarks: bool) -> None:
     """Marks the run succeeded and, when it may, moves each level's watermark to the run's ``until``
     (never backwards), in one transaction."""

@@ -249,21 +249,34 @@ def report(source: str, run_id: int) -> dict[str, Any]:
         # check_files already put its figures under "files"; keep them beside the levels.
         result = ledger.add_to_report(conn, run_id, result)
     log.info("sync report for %s run %d:\n%s", source, run_id, format_report(result))
-    alert_on_report(cfg, result)
+    # A run that fails its check alerts as failed (its callback), never as "succeeded, but".
     check_full_refresh(result)
+    alert_on_report(cfg, result)
     figures = {level: {c: f.get(c) for c in COLUMNS} for level, f in result["levels"].items()}
     return {"run_id": run_id, "kind": result["kind"], "dry_run": bool(result.get("dry_run")), "levels": figures,
             }  # fmt: skip
 
 
 def alert_on_report(cfg: SourceConfig, result: dict[str, Any]) -> list[str]:
-    """Tells someone when the report crosses the source's thresholds (``alerts.thresholds``); returns the findings."""
+    """Tells someone, once per run, when the report crosses the source's thresholds (``alerts.thresholds``);
+    returns the findings.
+
+    The ledger records that the alert went out, after sending it: a report task that runs again
+    (a retry, or cleared) sends no second one, unless the record itself failed.
+    """
     from medsync import alerts
 
     findings = alerts.report_findings(result, cfg.alerts.thresholds)
-    if findings:
-        log.warning("report of run %s crosses thresholds: %s", result.get("run_id"), "; ".join(findings))
+    if not findings:
+        return findings
+    run_id = int(result["run_id"])
+    log.warning("report of run %d crosses thresholds: %s", run_id, "; ".join(findings))
+    with connect_a(cfg) as conn:
+        if ledger.report_alerted(conn, run_id):
+            log.info("the report alert of run %d went out already: not sent again", run_id)
+            return findings
         alerts.send(cfg.alerts, alerts.report_alert(cfg, result, findings))
+        ledger.record_report_alert(conn, run_id)
     return findings
 
 

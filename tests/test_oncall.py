@@ -446,6 +446,27 @@ def test_a_full_refresh_against_a_source_behind_a_names_it_and_leaves_a_unchange
     assert env.a_rows() == before
 
 
+def test_a_full_refresh_against_a_source_partly_behind_a_writes_nothing_of_that_level(env: Env) -> None:
+    env.sync("manual__first")
+    patients = sorted(r["id"] for r in env.sim.live_records("patients"))
+    newer_in_b, newer_in_a = patients[:2], patients[2:]
+    # Mixed: B changed two patients since (newer than A), while A holds newer versions of the others.
+    env.sim.advance(3600)
+    for pid in newer_in_b:
+        env.sim.update("patients", pid, mrn=f"MRN-NEW-{pid[-4:]}")
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("UPDATE imaging.subject SET source_updated_at = source_updated_at + interval '1 day'"
+                     " WHERE source_key = ANY(%s)", (newer_in_a,))  # fmt: skip
+    before = env.a_rows()  # with each row's xmin: a row rewritten, even to the same values, shows
+
+    with pytest.raises(errors.SourceBehindError) as caught:
+        env.sync("manual__mixed")
+    assert f"served {len(newer_in_a)} records in versions older than A holds (subject {len(newer_in_a)})" in str(
+        caught.value
+    )
+    assert env.a_rows() == before  # B's newer records were not written either
+
+
 def test_the_report_alert_goes_out_once_and_only_for_a_run_that_passes_its_checks(env: Env) -> None:
     def report_alerts(dag_run_id: str) -> tuple[list[str], list[dict[str, Any]]]:
         mails = [m["subject"] for m in env.received.mails if f"run {dag_run_id} succeeded" in m["subject"]]

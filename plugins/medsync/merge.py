@@ -42,9 +42,10 @@ import psycopg
 from psycopg import sql
 
 from medsync import live_count
-from medsync.errors import MergeError
+from medsync.errors import MergeError, SourceBehindError
 from medsync.levels import SPECS, LevelSpec, spec, staged_columns
 from medsync.locks import source_lock
+from medsync.report import source_behind_message
 from medsync.schema import A_SCHEMA, SCHEMA
 from medsync.staging import staging_table, staging_table_name
 
@@ -444,8 +445,13 @@ def merge_level(
     connect: Callable[[], psycopg.Connection] | None = None,
     parent_lookup: str = "source_key",
     child_lookup: str = "source_key",
+    refuse_older_than_a: bool = False,
 ) -> MergeCounts:
     """Merges this run's staging table (and the level's pending records) into A.
+
+    ``refuse_older_than_a`` (a full refresh): when any record is older than what A holds of it
+    (the source went back in time), raises ``SourceBehindError`` with how many, before any
+    batch writes, so that none of the level's rows changes, not even those the source has newer.
 
     ``parent_lookup`` is the column of the parent's table that a staged ``parent_key`` matches
     (the source's ``ParentLink``: ``source_key``, or a UID column such as ``series_uid``).
@@ -481,6 +487,8 @@ def merge_level(
     with source_lock(conn, source, lock_timeout_seconds):
         try:
             batches = _build_work(conn, q, params, _rows_per_batch(conn, q, params, batch_size, sessions), counts)
+            if refuse_older_than_a and (older := _older_than_a(conn, q, params)):
+                raise SourceBehindError(source_behind_message(source, {level: older}))
             counts.build_seconds = time.monotonic() - started
             more = [connect] * (min(sessions, batches) - 1) if connect is not None else []
             _run_batches(conn, q, params, more=more, batches=batches, counts=counts)
@@ -806,6 +814,27 @@ def _holds_nothing_of_the_source(conn: psycopg.Connection, q: _Sql, params: dict
         params,
     ).fetchone()
     return row == (True,)
+
+
+def _older_than_a(conn: psycopg.Connection, q: _Sql, params: dict[str, Any]) -> int:
+    """Records of the work table older than A's row or tombstone of them: the ones the batches
+    would decide ``stale`` (the same comparison), counted before any batch runs."""
+    if _holds_nothing_of_the_source(conn, q, params):
+        return 0  # a first load: nothing in A to be older than
+    row = conn.execute(
+        sql.SQL(
+            """
+            SELECT count(*) FROM {work} w
+            WHERE w.source_updated_at < GREATEST(
+                (SELECT a.source_updated_at FROM {table} a
+                 WHERE a.source_system = %(src)s AND a.source_key = w.source_key),
+                (SELECT t.source_updated_at FROM medsync.tombstone t
+                 WHERE t.source_system = %(src)s AND t.level = %(level)s AND t.source_key = w.source_key))
+            """
+        ).format(work=q.work, table=q.table),
+        params,
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _has_pending_rows(conn: psycopg.Connection, q: _Sql, source: str) -> bool:

@@ -19,7 +19,7 @@ import psycopg
 
 from medsync import ledger
 from medsync.config import LEVELS, SourceConfig, get_source_config
-from medsync.errors import RunParamsError, SourceBehindError
+from medsync.errors import RunParamsError
 from medsync.mapping import load_mapping
 from medsync.request_limit import DatabaseRequestLimiter
 from medsync.sources import open_source
@@ -186,12 +186,11 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
 
     A dry run decides every record exactly as a merge would, inside one transaction that is
     rolled back: it reports what would be inserted, updated and deleted and writes nothing.
-    A full refresh fails as soon as a level's source served versions older than A holds (the
-    source went back in time); the merge never applies those, so A keeps its newer rows.
+    A full refresh fails at a level whose source served versions older than A holds (the source
+    went back in time) before writing any of the level's rows (``SourceBehindError``).
     """
     from medsync.levels import spec
     from medsync.merge import merge_level
-    from medsync.report import source_behind_message
 
     cfg = get_source_config(source)
     source_of = open_source(cfg)
@@ -217,14 +216,13 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
                 # A dry run's batches are savepoints of one transaction, on one session.
                 sessions=1 if dry_run else cfg.merge_sessions,
                 connect=None if dry_run else (lambda: connect_a(cfg)),
+                refuse_older_than_a=run.run_type == FULL_REFRESH,
             ).as_dict()
         counts["dry_run"] = dry_run
         ledger.record_merge(conn, run_id, level, counts)
     if dry_run:
         log.info("dry run %d: %s would insert %d, update %d, delete %d (nothing written)",
                  run_id, level, counts["inserted"], counts["updated"], counts["deleted"])  # fmt: skip
-    if run.run_type == FULL_REFRESH and counts["stale"]:
-        raise SourceBehindError(source_behind_message(source, {level: int(counts["stale"])}))
     figures = ("inserted", "updated", "unchanged", "stale", "pending", "sessions", "build_seconds", "write_seconds")
     return {"level": level, "dry_run": dry_run, **{k: counts[k] for k in figures}}
 

@@ -8,8 +8,11 @@ real HTTP webhook receiver on loopback. Airflow's own part (a context handed to 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,10 +25,9 @@ from oncall_receivers import ALERTS, Received, alert_connections, smtp_server, w
 
 from devstack.airflow_env import include_copy
 from medsync import errors, failures, ledger, tasks
-from medsync.config import LEVELS, SourceConfig, get_source_config
+from medsync.config import LEVELS, get_source_config
 from medsync.dag_factory import build_dag
 from medsync.errors import MedsyncError
-from medsync.sources.base import RawPage
 from medsync.windows import RunFacts
 from simulator import BSimulator, SimConfig
 
@@ -546,28 +548,47 @@ def test_levels_and_an_exact_window_sync_only_those_and_move_no_watermark(env: E
 # --- progress ---------------------------------------------------------------------------------------------
 
 
-def test_a_long_pull_logs_its_progress_with_rate_and_what_is_left(env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    import time
+def test_a_long_pull_logs_its_progress_also_while_it_waits_for_the_source(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medsync.sources import open_source
+    from medsync.staging import PROGRESS_SECONDS, pull_level
 
-    from medsync.staging import pull_level
-
+    assert PROGRESS_SECONDS == 30 and inspect.signature(pull_level).parameters["progress_seconds"].default == 30
     facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
     plan = tasks.prepare("b", dag_run_id="manual__progress", facts=facts)
-    patients = list(env.sim.live_records("patients"))
+    patients = len(list(env.sim.live_records("patients")))
+    # One patient a page, each answered in 0.4 s, and B's third request refused with Retry-After: 2.
+    cfg = get_source_config("b").model_copy(update={"page_size": 1})
+    env.sim.set_faults(slow_every=1, slow_seconds=0.4, throttle_every=3, retry_after=2)
+    try:
+        with (
+            open_source(cfg).connect() as client,
+            psycopg.connect(env.dsn, autocommit=True) as conn,
+            caplog.at_level(logging.INFO, "medsync.staging"),
+        ):
+            pull_level(conn, source="b", level="subject", run_id=plan["run_id"], parser=tasks.record_parser(cfg),
+                       pages=client.iter_pages("subject", BASE - timedelta(days=30), datetime.now(UTC)),
+                       expected_records=patients * 2, progress_seconds=0.15)  # fmt: skip
+    finally:
+        env.sim.set_faults()
 
-    def slow_pages() -> Iterator[RawPage]:
-        for rec in patients:
-            time.sleep(0.15)
-            yield RawPage([rec])
+    def progress_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("pulling subject")]
 
-    cfg: SourceConfig = get_source_config("b")
-    with psycopg.connect(env.dsn, autocommit=True) as conn, caplog.at_level(logging.INFO, "medsync.staging"):
-        pull_level(conn, source="b", level="subject", run_id=plan["run_id"], pages=slow_pages(),
-                   parser=tasks.record_parser(cfg), expected_records=len(patients) * 2,
-                   progress_seconds=0.2)  # fmt: skip
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pulling subject")]
-    assert len(lines) >= 2, lines
-    assert "records in" in lines[-1] and "/s)" in lines[-1] and "records left" in lines[-1]
+    lines = progress_lines()
+    assert len(lines) >= 10, lines
+    # Logged before the first page came (the timer, not a page, keeps the time) and while B's
+    # Retry-After kept the pull waiting, with records, pages, rate and what is left.
+    assert lines[0].startswith("pulling subject slice 0: 0 records in 0 pages after 0s (0/s)"), lines[0]
+    waited = [line for line in lines if "waiting 2s for the next page" in line]
+    assert waited and "records left" in waited[-1], lines
+    estimate = f"of {patients * 2} records left, about"
+    assert any(" records in " in line and "/s)" in line and estimate in line for line in lines), lines
+    # Stopped with the pull: no thread left, no line after.
+    time.sleep(0.5)
+    assert progress_lines() == lines
+    assert not [t for t in threading.enumerate() if t.name.startswith("medsync-progress")]
 
 
 def test_ledger_keeps_the_first_reason(a_db: str) -> None:

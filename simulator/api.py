@@ -176,6 +176,8 @@ class Api:
             self._stats.authorized += 1
             self._fault_n += 1
             n = self._fault_n
+            if f.revoke_key_after and n > f.revoke_key_after:
+                return ApiError(401, "unauthorized", "the API key was revoked").response()
             if self._budget_left():
                 if self._hits(f.drop_every, f.drop_fraction, n, 0xD0):
                     self._stats.faults["drop"] += 1

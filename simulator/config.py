@@ -172,6 +172,8 @@ class FaultConfig:
     expire_fraction: float = 0.0
     rate_limit_per_second: float | None = None
     """Token bucket per API key (burst = max(1, rate)); excess -> 429 with Retry-After."""
+    revoke_key_after: int = 0
+    """After this many API requests the key is refused (401), as if revoked mid-run; 0: never."""
     max_faults: int | None = None
     seed: int = 0
 
@@ -182,6 +184,8 @@ class FaultConfig:
             raise ValueError("error_status must be 5xx")
         if self.retry_after < 0:
             raise ValueError("retry_after must be >= 0")
+        if self.revoke_key_after < 0:
+            raise ValueError("revoke_key_after must be >= 0")
         if self.rate_limit_per_second is not None and self.rate_limit_per_second <= 0:
             raise ValueError("rate_limit_per_second must be > 0 (or None for no limit)")
 

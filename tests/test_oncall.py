@@ -8,10 +8,13 @@ real HTTP webhook receiver on loopback. Airflow's own part (a context handed to 
 
 from __future__ import annotations
 
+import inspect
 import logging
-import uuid
+import socket
+import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,9 @@ from oncall_receivers import ALERTS, Received, alert_connections, smtp_server, w
 
 from devstack.airflow_env import include_copy
 from medsync import errors, failures, ledger, tasks
-from medsync.config import LEVELS, SourceConfig, get_source_config
+from medsync.config import LEVELS, get_source_config
 from medsync.dag_factory import build_dag
 from medsync.errors import MedsyncError
-from medsync.sources.base import RawPage
 from medsync.windows import RunFacts
 from simulator import BSimulator, SimConfig
 
@@ -71,6 +73,33 @@ def test_a_permanent_error_fails_the_task_at_once_with_its_message() -> None:
     with pytest.raises(psycopg.errors.SerializationFailure):  # not medsync's: Airflow retries it
         with failures.fail_fast():
             raise psycopg.errors.SerializationFailure("could not serialize access")
+
+
+def test_errors_on_task_paths_are_medsync_errors_that_fail_at_once(a_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a task can meet besides the source and A's data: each fails the task without retries."""
+    from airflow.providers.postgres.hooks import postgres as postgres_provider
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from medsync.hooks.a_database import ADatabaseHook
+    from medsync.levels import spec
+    from medsync.staging import window_slice
+    from medsync.windows import Window, plan_window
+
+    tiny = Window(BASE, BASE + timedelta(microseconds=1))
+    dbname = psycopg.conninfo.conninfo_to_dict(a_db)["dbname"]
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{dbname}")
+    # The postgres provider hands out psycopg2 connections under SQLAlchemy 1 (a wrong installation).
+    monkeypatch.setattr(postgres_provider, "USE_PSYCOPG3", False)
+    failing: list[tuple[type[MedsyncError], Any]] = [
+        (errors.RunParamsError, lambda: plan_window(RunFacts("scheduled", None, None, BASE), None, timedelta(0))),
+        (errors.RunParamsError, lambda: window_slice(tiny, 4, 3)),
+        (errors.ConfigError, lambda: spec("patient")),
+        (errors.ConfigError, lambda: ADatabaseHook().get_conn()),
+    ]
+    for expected, call in failing:
+        with pytest.raises(AirflowFailException) as caught, failures.fail_fast():
+            call()
+        assert type(caught.value.__cause__) is expected, caught.value
 
 
 def test_an_error_that_may_quote_a_record_is_recorded_by_class_only(a_db: str) -> None:
@@ -158,9 +187,11 @@ class Ctx:
     ti: Any
     dag_run: Any
     exception: BaseException | str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
     def as_context(self) -> dict[str, Any]:
-        return {"ti": self.ti, "dag_run": self.dag_run, "exception": self.exception, "reason": "task_failure"}
+        return {"ti": self.ti, "dag_run": self.dag_run, "exception": self.exception, "reason": "task_failure",
+                "params": self.params}  # fmt: skip
 
 
 @dataclass
@@ -173,6 +204,7 @@ class FakeTi:
 @dataclass
 class FakeDagRun:
     run_id: str
+    run_type: str = "manual"
 
 
 class Env:
@@ -281,6 +313,38 @@ def test_a_refused_key_marks_the_run_failed_with_its_reason_and_tells_someone(
     ]
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (chosen by the OS, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_someone_is_told_even_when_a_database_is_unreachable(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    plan = tasks.prepare("b", dag_run_id="manual__a_down", facts=facts)
+    # A's database goes away: the ledger cannot be written, the callbacks must not fail for it.
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:{_closed_port()}/a")
+    with caplog.at_level(logging.INFO, "medsync"):
+        _fail(env, "manual__a_down", "merge_subjects", errors.MergeError("lock on source b not obtained"))
+        failures.run_failed("b", {"dag_run": FakeDagRun("manual__a_down"), "reason": "task_failure"})
+
+    # Both callbacks alert (neither can tell from the ledger whether the other did), through both channels.
+    assert len(env.received.mails) == 2 and len(env.received.posts) == 2
+    task_mail, run_mail = env.received.mails
+    assert "failed in merge_subjects: MergeError" in task_mail["subject"] and "RunFailed" in run_mail["subject"]
+    for text in (task_mail["body"], run_mail["body"], *(str(p["json"]) for p in env.received.posts)):
+        assert "manual__a_down" in text and "ledger not written" in text
+    assert "lock on source b not obtained" in task_mail["body"]
+    # The ledger could not be written, and the log says so by the error's class only.
+    assert env.query("SELECT status FROM medsync.sync_run WHERE id = %s", plan["run_id"]) == [("running",)]
+    unwritten = [r.getMessage() for r in caplog.records if "ledger could not be written" in r.getMessage()]
+    assert len(unwritten) == 2 and all("(OperationalError)" in m for m in unwritten), unwritten
+    assert not any("refused" in r.getMessage().lower() for r in caplog.records)
+
+
 def test_a_run_killed_without_callbacks_is_taken_over_by_the_next_run_at_once(env: Env) -> None:
     facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
     killed = tasks.prepare("b", dag_run_id="manual__killed", facts=facts)
@@ -298,6 +362,49 @@ def test_a_run_killed_without_callbacks_is_taken_over_by_the_next_run_at_once(en
     # A run Airflow still runs (a backfill beside this one) keeps its state and its staging.
     assert env.query("SELECT status FROM medsync.sync_run WHERE id = %s", beside["run_id"]) == [("running",)]
     assert env.staging_tables(beside["run_id"])
+
+
+ONCALL_QUERY = (
+    "SELECT id, dag_run_id, run_type, status, failed_task, error_class, error_message, started_at, finished_at"
+    " FROM medsync.sync_run WHERE source_system = 'b' ORDER BY id DESC LIMIT 10"
+)
+"""The README's on-call query."""
+
+
+def test_a_run_refused_before_prepare_registered_it_is_in_the_ledger_as_failed(env: Env) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from medsync import schema
+
+    with psycopg.connect(env.dsn, autocommit=True) as conn:
+        schema.migrate(conn)  # medsync's schema exists: every earlier run's prepare made it
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    params = {"full_refresh": True, "levels": ["patient"]}
+    with pytest.raises(AirflowFailException) as caught, failures.fail_fast():
+        tasks.prepare("b", dag_run_id="manual__bad_levels", facts=facts, levels=params["levels"])
+    failures.task_failed("b", Ctx(FakeTi("prepare", 1, 3), FakeDagRun("manual__bad_levels"), caught.value,
+                                  params).as_context())  # fmt: skip
+    failures.run_failed("b", {"dag_run": FakeDagRun("manual__bad_levels"), "reason": "task_failure", "params": params})
+
+    # A's tables not as expected: a scheduled run refused by prepare's checks.
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("ALTER TABLE imaging.study DROP COLUMN accession_number")
+    scheduled = RunFacts("scheduled", BASE - timedelta(hours=12), BASE, BASE)
+    with pytest.raises(AirflowFailException) as caught, failures.fail_fast():
+        tasks.prepare("b", dag_run_id="scheduled__a_changed", facts=scheduled)
+    failures.task_failed("b", Ctx(FakeTi("prepare", 1, 3), FakeDagRun("scheduled__a_changed", "scheduled"),
+                                  caught.value).as_context())  # fmt: skip
+
+    rows = {r[1]: r for r in env.query(ONCALL_QUERY)}
+    _, _, kind, status, task, error_class, message, started, finished = rows["manual__bad_levels"]
+    assert (kind, status, task, error_class) == ("full_refresh", "failed", "prepare", "RunParamsError")
+    assert "levels must be a non-empty subset" in message and started <= finished
+    _, _, kind, status, task, error_class, message, _, _ = rows["scheduled__a_changed"]
+    assert (kind, status, task, error_class) == ("scheduled", "failed", "prepare", "SchemaError")
+    assert "imaging.study.accession_number is missing" in message
+    # One alert per run: the run-level callback after the task's sends none.
+    subjects = [m["subject"] for m in env.received.mails]
+    assert len(subjects) == 2 and "manual__bad_levels failed in prepare: RunParamsError" in subjects[0], subjects
 
 
 def test_run_state_lives_in_the_ledger_module_only() -> None:
@@ -341,6 +448,69 @@ def test_a_full_refresh_against_a_source_behind_a_names_it_and_leaves_a_unchange
     assert env.a_rows() == before
 
 
+def test_a_full_refresh_against_a_source_partly_behind_a_writes_nothing_of_that_level(env: Env) -> None:
+    env.sync("manual__first")
+    patients = sorted(r["id"] for r in env.sim.live_records("patients"))
+    newer_in_b, newer_in_a = patients[:2], patients[2:]
+    # Mixed: B changed two patients since (newer than A), while A holds newer versions of the others.
+    env.sim.advance(3600)
+    for pid in newer_in_b:
+        env.sim.update("patients", pid, mrn=f"MRN-NEW-{pid[-4:]}")
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("UPDATE imaging.subject SET source_updated_at = source_updated_at + interval '1 day'"
+                     " WHERE source_key = ANY(%s)", (newer_in_a,))  # fmt: skip
+    before = env.a_rows()  # with each row's xmin: a row rewritten, even to the same values, shows
+
+    with pytest.raises(errors.SourceBehindError) as caught:
+        env.sync("manual__mixed")
+    assert f"served {len(newer_in_a)} records in versions older than A holds (subject {len(newer_in_a)})" in str(
+        caught.value
+    )
+    assert env.a_rows() == before  # B's newer records were not written either
+
+
+def test_the_report_alert_goes_out_once_and_only_for_a_run_that_passes_its_checks(env: Env) -> None:
+    def report_alerts(dag_run_id: str) -> tuple[list[str], list[dict[str, Any]]]:
+        mails = [m["subject"] for m in env.received.mails if f"run {dag_run_id} succeeded" in m["subject"]]
+        posts = [p["json"] for p in env.received.posts
+                 if p["json"]["event"] == "report" and p["json"]["dag_run_id"] == dag_run_id]  # fmt: skip
+        return mails, posts
+
+    env.sync("manual__first")
+    # A full refresh that then fails its check: an instance of A deleted behind medsync's back after
+    # the merges (A's kept count drifts, a threshold; A and B differ, unexplained). It alerts as
+    # failed (by its callback), never as "succeeded, but".
+    facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
+    plan = tasks.prepare("b", dag_run_id="manual__drift", facts=facts)
+    for level in LEVELS:
+        tasks.pull("b", level, plan["run_id"])
+    for level in LEVELS:
+        tasks.merge("b", level, plan["run_id"])
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("DELETE FROM imaging.instance WHERE id = (SELECT min(id::text)::uuid FROM imaging.instance)")
+    with pytest.raises(errors.ReconciliationError):
+        tasks.report("b", plan["run_id"])
+    assert report_alerts("manual__drift") == ([], [])
+
+    # A window run whose report crosses a threshold (records older than A), its report task run twice
+    # (a retry, or cleared): one alert per channel, and the ledger says it went out.
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("UPDATE imaging.subject SET source_updated_at = source_updated_at + interval '1 day'")
+    window = RunFacts("scheduled", BASE - timedelta(days=4), BASE, BASE)
+    plan = tasks.prepare("b", dag_run_id="scheduled__older", facts=window)
+    for level in LEVELS:
+        tasks.pull("b", level, plan["run_id"])
+    for level in LEVELS:
+        tasks.merge("b", level, plan["run_id"])
+    tasks.report("b", plan["run_id"])
+    tasks.report("b", plan["run_id"])
+    mails, posts = report_alerts("scheduled__older")
+    assert len(mails) == 1 and len(posts) == 1, (mails, posts)
+    assert any("older than A holds" in line for line in posts[0]["details"])
+    ((alerted,),) = env.query("SELECT report_alerted_at FROM medsync.sync_run WHERE id = %s", plan["run_id"])
+    assert alerted is not None
+
+
 # --- repairs: levels, an exact window, dry run ---------------------------------------------------------------
 
 
@@ -378,28 +548,47 @@ def test_levels_and_an_exact_window_sync_only_those_and_move_no_watermark(env: E
 # --- progress ---------------------------------------------------------------------------------------------
 
 
-def test_a_long_pull_logs_its_progress_with_rate_and_what_is_left(env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    import time
+def test_a_long_pull_logs_its_progress_also_while_it_waits_for_the_source(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medsync.sources import open_source
+    from medsync.staging import PROGRESS_SECONDS, pull_level
 
-    from medsync.staging import pull_level
-
+    assert PROGRESS_SECONDS == 30 and inspect.signature(pull_level).parameters["progress_seconds"].default == 30
     facts = RunFacts("manual", None, None, datetime.now(UTC), full_refresh=True)
     plan = tasks.prepare("b", dag_run_id="manual__progress", facts=facts)
-    patients = list(env.sim.live_records("patients"))
+    patients = len(list(env.sim.live_records("patients")))
+    # One patient a page, each answered in 0.4 s, and B's third request refused with Retry-After: 2.
+    cfg = get_source_config("b").model_copy(update={"page_size": 1})
+    env.sim.set_faults(slow_every=1, slow_seconds=0.4, throttle_every=3, retry_after=2)
+    try:
+        with (
+            open_source(cfg).connect() as client,
+            psycopg.connect(env.dsn, autocommit=True) as conn,
+            caplog.at_level(logging.INFO, "medsync.staging"),
+        ):
+            pull_level(conn, source="b", level="subject", run_id=plan["run_id"], parser=tasks.record_parser(cfg),
+                       pages=client.iter_pages("subject", BASE - timedelta(days=30), datetime.now(UTC)),
+                       expected_records=patients * 2, progress_seconds=0.15)  # fmt: skip
+    finally:
+        env.sim.set_faults()
 
-    def slow_pages() -> Iterator[RawPage]:
-        for rec in patients:
-            time.sleep(0.15)
-            yield RawPage([rec])
+    def progress_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("pulling subject")]
 
-    cfg: SourceConfig = get_source_config("b")
-    with psycopg.connect(env.dsn, autocommit=True) as conn, caplog.at_level(logging.INFO, "medsync.staging"):
-        pull_level(conn, source="b", level="subject", run_id=plan["run_id"], pages=slow_pages(),
-                   parser=tasks.record_parser(cfg), expected_records=len(patients) * 2,
-                   progress_seconds=0.2)  # fmt: skip
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pulling subject")]
-    assert len(lines) >= 2, lines
-    assert "records in" in lines[-1] and "/s)" in lines[-1] and "records left" in lines[-1]
+    lines = progress_lines()
+    assert len(lines) >= 10, lines
+    # Logged before the first page came (the timer, not a page, keeps the time) and while B's
+    # Retry-After kept the pull waiting, with records, pages, rate and what is left.
+    assert lines[0].startswith("pulling subject slice 0: 0 records in 0 pages after 0s (0/s)"), lines[0]
+    waited = [line for line in lines if "waiting 2s for the next page" in line]
+    assert waited and "records left" in waited[-1], lines
+    estimate = f"of {patients * 2} records left, about"
+    assert any(" records in " in line and "/s)" in line and estimate in line for line in lines), lines
+    # Stopped with the pull: no thread left, no line after.
+    time.sleep(0.5)
+    assert progress_lines() == lines
+    assert not [t for t in threading.enumerate() if t.name.startswith("medsync-progress")]
 
 
 def test_ledger_keeps_the_first_reason(a_db: str) -> None:
@@ -414,4 +603,10 @@ def test_ledger_keeps_the_first_reason(a_db: str) -> None:
         second = ledger.fail(conn, "b", "r1", task_id=None, error_class="RunFailed", message="task_failure")
         assert first is not None and first.first and second is not None and not second.first
         assert ledger.failure(conn, run_id)["failed_task"] == "merge_subjects"
-        assert ledger.fail(conn, "b", f"unknown-{uuid.uuid4().hex}", task_id=None, error_class="X", message="") is None
+        # A run prepare never registered is recorded, failed, with what the caller knows of it.
+        unknown = ledger.fail(conn, "b", "never-prepared", task_id="prepare", error_class="X", message="m",
+                              run_type="repair")  # fmt: skip
+        assert unknown is not None and unknown.first and unknown.run.run_type == "repair"
+        assert ledger.failure(conn, unknown.run.id)["status"] == "failed"
+        again = ledger.fail(conn, "b", "never-prepared", task_id=None, error_class="RunFailed", message="")
+        assert again is not None and not again.first and again.run.id == unknown.run.id

@@ -89,16 +89,38 @@ def test_a_refused_key_is_tried_once_per_task_then_the_run_is_failed_with_its_re
 
     refused = stack.sim.stats()["responses"].get("401", 0) - before
     assert refused == len(PULLS), f"{refused} refused requests: a 401 was retried (retries: 2)"
-    run_id, status, task, error_class, message = stack.last_run()
+    _, status, task, error_class, message = stack.last_run()
     assert (status, error_class) == ("failed", "SourceApiError")
     assert task in PULLS and "401" in message
-    assert stack.staging_tables(run_id) == []  # the DAG's failure callback dropped the run's staging
     mails = [m for m in stack.received.mails if "SourceApiError" in m["subject"]]
     assert len(mails) == 1, [m["subject"] for m in stack.received.mails]
     assert f"failed in {task}" in mails[0]["subject"]
     assert "medsync_b" in mails[0]["body"] and "not retried" in mails[0]["body"]
     for text in stack.received.texts():
         assert wrong_key not in text and API_KEY not in text
+
+
+def test_a_key_revoked_mid_run_fails_the_run_and_its_staged_pages_are_dropped(stack: Stack) -> None:
+    before = stack.sim.stats()["responses"].get("401", 0)
+    # The first pull to run gets its two requests (counts, one page); B refuses the key from then on.
+    stack.sim.set_faults(revoke_key_after=2)
+    try:
+        _run(stack, stack.env, full_refresh=True)
+    finally:
+        stack.sim.set_faults()
+
+    run_id, status, task, error_class, message = stack.last_run()
+    assert (status, error_class) == ("failed", "SourceApiError") and task in PULLS and "401" in message
+    pulled = stack.query("SELECT level, pull_counts FROM medsync.sync_run_level WHERE run_id = %s"
+                         " AND pull_counts <> '{}'", run_id)  # fmt: skip
+    assert len(pulled) == 1 and pulled[0][1]["slice_0"]["staged"] > 0, pulled  # a page was staged
+    refused = stack.sim.stats()["responses"].get("401", 0) - before
+    assert refused == len(PULLS) - 1, f"{refused} refused requests: a 401 was retried (retries: 2)"
+    assert stack.staging_tables(run_id) == []  # the DAG's failure callback dropped the run's staging
+    ((dag_run_id,),) = stack.query("SELECT dag_run_id FROM medsync.sync_run WHERE id = %s", run_id)
+    assert [m["subject"] for m in stack.received.mails if dag_run_id in m["subject"]] == [
+        f"[medsync] b: run {dag_run_id} failed in {task}: SourceApiError"
+    ]
 
 
 def test_a_source_that_keeps_failing_transiently_is_retried(stack: Stack) -> None:
@@ -135,3 +157,12 @@ def test_runs_airflow_ended_without_a_word_are_taken_over_by_the_next_run(stack:
                         killed_id, gone_id)  # fmt: skip
     assert ended == [(killed_id, "failed", "RunEnded"), (gone_id, "failed", "RunEnded")]
     assert stack.staging_tables(gone_id) == []
+
+
+def test_a_run_whose_trigger_params_are_refused_is_in_the_ledger_as_failed(stack: Stack) -> None:
+    _run(stack, stack.env, since="2026-03-01T00:00:00+00:00")  # a repair window without its end
+
+    _, status, task, error_class, message = stack.last_run()
+    assert (status, task, error_class) == ("failed", "prepare", "RunParamsError"), message
+    assert "a repair window needs both since and until" in message
+    assert stack.query("SELECT run_type FROM medsync.sync_run ORDER BY id DESC LIMIT 1") == [("repair",)]

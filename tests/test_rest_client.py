@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 
 from medsync.config import SourceConfig
-from medsync.errors import ConfigError, SourceApiError, SourceUnavailableError
+from medsync.errors import ConfigError, RunParamsError, SourceApiError, SourceUnavailableError
 from medsync.sources import api_model, validate_api
 from medsync.sources.base import RawPage
 from medsync.sources.rate_limit import TokenBucket
@@ -256,11 +256,11 @@ def test_every_request_sends_both_bounds_in_utc_include_deleted_and_limit(stub: 
 def test_window_arguments_are_checked_before_any_request(stub: Stub, fake: FakeTime) -> None:
     with make_client(stub, fake) as client:
         assert list(client.iter_pages("study", SINCE, SINCE)) == []
-        with pytest.raises(ValueError, match="naive"):
+        with pytest.raises(RunParamsError, match="naive"):
             list(client.iter_pages("study", SINCE.replace(tzinfo=None), UNTIL))
-        with pytest.raises(ValueError, match="after it ends"):
+        with pytest.raises(RunParamsError, match="after it ends"):
             list(client.iter_pages("study", UNTIL, SINCE))
-        with pytest.raises(ValueError, match="unknown level"):
+        with pytest.raises(ConfigError, match="unknown level"):
             list(client.iter_pages("studies", SINCE, UNTIL))
     with pytest.raises(ConfigError, match="page_size"):
         make_client(stub, fake, page_size=1001)  # B's largest page is 1000 (api.limits.max_page_size)

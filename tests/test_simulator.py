@@ -439,6 +439,15 @@ def test_throttle_every_kth_request_with_retry_after(sim: BSimulator, http: requ
     assert sim.stats()["faults"]["throttle"] == 2
 
 
+def test_a_key_revoked_after_k_requests_is_refused_from_then_on(sim: BSimulator, http: requests.Session) -> None:
+    sim.set_faults(revoke_key_after=2)
+    codes = [http.get(f"{sim.base_url}/counts") for _ in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 401, 401]
+    assert codes[3].json()["error"]["code"] == "unauthorized"
+    sim.set_faults()
+    assert http.get(f"{sim.base_url}/counts").status_code == 200
+
+
 def test_server_errors_by_fraction_are_deterministic(sim: BSimulator, http: requests.Session) -> None:
     def run() -> list[int]:
         sim.set_faults(error_fraction=0.3, seed=5)

@@ -15,6 +15,7 @@ from airflow.timetables.base import DataInterval, TimeRestriction
 from airflow.timetables.interval import CronDataIntervalTimetable
 from airflow.utils.types import DagRunType
 
+from medsync.errors import RunParamsError
 from medsync.windows import (
     BACKFILL,
     FULL_REFRESH,
@@ -203,7 +204,7 @@ def test_full_refresh_syncs_from_the_beginning_until_run_after_regardless_of_int
 def test_scheduled_or_backfill_run_without_interval_is_refused_not_opened(
     run_type: str, start: datetime | None, end: datetime | None
 ) -> None:
-    with pytest.raises(ValueError, match="interval"):
+    with pytest.raises(RunParamsError, match="interval"):
         plan_window(facts(run_type, start, end), None, LOOKBACK)
 
 
@@ -221,7 +222,7 @@ def test_every_planned_window_is_bounded_and_not_empty(run_type: str, full_refre
         run = facts(run_type, start, end, full_refresh=full_refresh)
         try:
             window = plan_window(run, watermark, lookback)
-        except ValueError:
+        except RunParamsError:
             assert run_type != MANUAL_RUN and not full_refresh and start == end, "only interval-less runs refuse"
             continue
         assert window.since is not None and window.until is not None

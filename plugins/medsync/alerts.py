@@ -96,7 +96,9 @@ def failure_alert(
     try_number: int | None = None,
     max_tries: int | None = None,
     permanent: bool | None = None,
+    ledger_written: bool = True,
 ) -> Alert:
+    """``ledger_written`` False: A's database could not be reached or written when the run failed."""
     where_failed = f"task {task_id}" if task_id else "the run (no task named: killed, timed out or marked failed)"
     details = [
         f"source: {cfg.name} (DAG {cfg.dag_id})",
@@ -104,6 +106,11 @@ def failure_alert(
         f"failed: {where_failed}" + (f", try {try_number} of {max_tries}" if try_number and max_tries else ""),
         f"error: {error_class}: {message}",
     ]
+    if not ledger_written:
+        details.append(
+            "ledger not written: A's database could not be reached or written, so medsync.sync_run does not "
+            "say this (the run may still say running there); this alert may come once per failed task"
+        )
     if permanent is True:
         details.append("not retried: retrying cannot fix this error; fix its cause, then clear the run from prepare")
     elif permanent is False:

@@ -6,23 +6,34 @@
 - ``task_failed`` is every task's ``on_failure_callback`` (called once the task has failed
   for good, in the task's process, or by Airflow for a task whose process died): it marks
   the run ``failed`` in ``medsync.sync_run`` with the task, the error's class and message,
-  and sends the failure alert.
+  and sends the failure alert. A run that failed before prepare registered it (refused
+  params, mapping or A's tables) gets its row then, failed, with what the callback knows.
 - ``run_failed`` is the DAG's ``on_failure_callback`` (the run failed, was marked failed or
   timed out): it marks the run failed if no task did, drops the run's staging and work
   tables (no task of the run runs any more), and alerts if no task-level alert went out.
 
 Messages come only from medsync's own errors, which carry no record contents. Any other
 exception (a database error may quote a row) is recorded by class (and SQLSTATE) only.
+
+Both callbacks write the ledger on a best-effort basis: when A's database cannot be reached or
+written, the alert still goes out and says so, because then it is the only news of the failure.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
 
 from medsync.errors import MedsyncError, is_permanent
+
+if TYPE_CHECKING:
+    from medsync.config import SourceConfig
+    from medsync.ledger import Failed
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +79,59 @@ def describe_error(exc: BaseException | str | None) -> tuple[str, str, bool | No
     )
 
 
+def _write_ledger(
+    cfg: SourceConfig, dag_run_id: str, write: Callable[[psycopg.Connection], Failed | None]
+) -> tuple[Failed | None, bool]:
+    """``write``'s result on A's database and True; (None, False) when A cannot be reached or written.
+
+    A failure callback must tell someone even when A's database is down (that may be why the
+    run failed), so the ledger is best effort here and the caller alerts regardless.
+    """
+    from medsync.tasks import connect_a
+
+    try:
+        with connect_a(cfg) as conn:
+            return write(conn), True
+    except psycopg.Error as exc:
+        # By class only: a database error's text may quote a row or name the server.
+        log.error("run %s of %s: the ledger could not be written (%s); alerting without it",
+                  dag_run_id, cfg.name, type(exc).__name__)  # fmt: skip
+        return None, False
+
+
+def run_kind(context: Any) -> str:
+    """The run's kind (``medsync.windows``) as far as a callback can tell, for a run that failed
+    before prepare registered it. Its params are read as given: they may be what was refused."""
+    from medsync.windows import REPAIR, RunFacts, sync_kind
+
+    params = context.get("params") or {}
+    full_refresh = bool(params.get("full_refresh"))
+    if not full_refresh and (params.get("since") or params.get("until")):
+        return REPAIR
+    run_type = getattr(context["dag_run"], "run_type", None)  # Airflow's DagRunType, a str Enum
+    airflow_run_type = str(getattr(run_type, "value", run_type) or "unknown")
+    return sync_kind(RunFacts(airflow_run_type, None, None, datetime.now(UTC), full_refresh=full_refresh))
+
+
 def task_failed(source: str, context: Any) -> None:
     """A task failed for good: the ledger says so now, and someone is told."""
     from medsync import alerts, ledger
     from medsync.config import get_source_config
-    from medsync.tasks import connect_a
 
     ti = context.get("ti") or context.get("task_instance")
     dag_run = context["dag_run"]
     task_id = getattr(ti, "task_id", None)
     error_class, message, permanent = describe_error(context.get("exception"))
     cfg = get_source_config(source)
-    with connect_a(cfg) as conn:
-        failed = ledger.fail(conn, source, dag_run.run_id, task_id=task_id, error_class=error_class, message=message)
+
+    def fail(conn: psycopg.Connection) -> Failed | None:
+        return ledger.fail(conn, source, dag_run.run_id, task_id=task_id, error_class=error_class, message=message,
+                           run_type=run_kind(context))  # fmt: skip
+
+    failed, ledger_written = _write_ledger(cfg, dag_run.run_id, fail)
     run_id = failed.run.id if failed else None
     log.error("run %s of %s failed in %s: %s: %s", dag_run.run_id, source, task_id, error_class, message)
+    # Unwritten, the ledger cannot say whether another callback alerted already: alert again.
     if cfg.alerts.on_failure and (failed is None or failed.first):
         alert = alerts.failure_alert(
             cfg,
@@ -94,6 +143,7 @@ def task_failed(source: str, context: Any) -> None:
             try_number=getattr(ti, "try_number", None),
             max_tries=getattr(ti, "max_tries", None),
             permanent=permanent,
+            ledger_written=ledger_written,
         )
         alerts.send(cfg.alerts, alert, context)
 
@@ -102,19 +152,30 @@ def run_failed(source: str, context: Any) -> None:
     """The whole run failed: the ledger says so if no task did, the run's staging is dropped."""
     from medsync import alerts, ledger, merge, staging
     from medsync.config import get_source_config
-    from medsync.tasks import connect_a
 
     dag_run = context["dag_run"]
     reason = str(context.get("reason") or "the run failed")
     cfg = get_source_config(source)
-    with connect_a(cfg) as conn:
-        failed = ledger.fail(conn, source, dag_run.run_id, task_id=None, error_class="RunFailed", message=reason)
+
+    def fail_and_drop_staging(conn: psycopg.Connection) -> Failed | None:
+        failed = ledger.fail(conn, source, dag_run.run_id, task_id=None, error_class="RunFailed", message=reason,
+                             run_type=run_kind(context))  # fmt: skip
         if failed is not None:
             staging.drop_staging_tables(conn, source, failed.run.id)
             merge.drop_work_tables(conn, source, failed.run.id)
-    log.error("run %s of %s failed (%s); its staging is dropped", dag_run.run_id, source, reason)
-    if cfg.alerts.on_failure and failed is not None and failed.first:
+        return failed
+
+    failed, ledger_written = _write_ledger(cfg, dag_run.run_id, fail_and_drop_staging)
+    log.error("run %s of %s failed (%s)%s", dag_run.run_id, source, reason,
+              "; its staging is dropped" if ledger_written else "")  # fmt: skip
+    if cfg.alerts.on_failure and (not ledger_written or (failed is not None and failed.first)):
         alert = alerts.failure_alert(
-            cfg, dag_run_id=dag_run.run_id, run_id=failed.run.id, task_id=None, error_class="RunFailed", message=reason
+            cfg,
+            dag_run_id=dag_run.run_id,
+            run_id=failed.run.id if failed else None,
+            task_id=None,
+            error_class="RunFailed",
+            message=reason,
+            ledger_written=ledger_written,
         )
         alerts.send(cfg.alerts, alert, context)

@@ -40,6 +40,11 @@ class Run:
 _RUN_COLUMNS = "id, source_system, dag_run_id, run_type, started_at, status, options"
 
 
+def _run_of(row: tuple[Any, ...]) -> Run:
+    """A ``Run`` from a row of ``_RUN_COLUMNS``."""
+    return Run(int(row[0]), row[1], row[2], row[3], row[4], row[5], dict(row[6] or {}))
+
+
 def register_run(
     conn: psycopg.Connection,
     source: str,
@@ -81,7 +86,7 @@ def get_run(conn: psycopg.Connection, run_id: int) -> Run:
     row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
     if row is None:
         raise MedsyncError(f"run {run_id} is unknown")
-    return Run(int(row[0]), row[1], row[2], row[3], row[4], row[5], dict(row[6] or {}))
+    return _run_of(row)
 
 
 def find_run(conn: psycopg.Connection, source: str, dag_run_id: str) -> Run | None:
@@ -89,7 +94,7 @@ def find_run(conn: psycopg.Connection, source: str, dag_run_id: str) -> Run | No
         f"SELECT {_RUN_COLUMNS} FROM medsync.sync_run WHERE source_system = %s AND dag_run_id = %s",
         (source, dag_run_id),
     ).fetchone()
-    return None if row is None else Run(int(row[0]), row[1], row[2], row[3], row[4], row[5], dict(row[6] or {}))
+    return None if row is None else _run_of(row)
 
 
 def level_window(conn: psycopg.Connection, run_id: int, level: str) -> Window | None:
@@ -132,6 +137,16 @@ def add_to_report(conn: psycopg.Connection, run_id: int, part: dict[str, Any]) -
     return dict(row[0]) if row else part
 
 
+def report_alerted(conn: psycopg.Connection, run_id: int) -> bool:
+    """Whether the run's report alert went out already (a report task that runs again sends none)."""
+    row = conn.execute("SELECT report_alerted_at IS NOT NULL FROM medsync.sync_run WHERE id = %s", (run_id,)).fetchone()
+    return row == (True,)
+
+
+def record_report_alert(conn: psycopg.Connection, run_id: int) -> None:
+    conn.execute("UPDATE medsync.sync_run SET report_alerted_at = now() WHERE id = %s", (run_id,))
+
+
 def succeed(conn: psycopg.Connection, source: str, run_id: int, *, advance_watermarks: bool) -> None:
     """Marks the run succeeded and, when it may, moves each level's watermark to the run's ``until``
     (never backwards), in one transaction."""
@@ -163,15 +178,32 @@ def fail(
     task_id: str | None,
     error_class: str,
     message: str,
+    run_type: str = "unknown",
 ) -> Failed | None:
     """Marks the run failed with its reason. The first reason recorded is kept: it is the cause,
     what follows (the run failing because a task did) is its consequence. A run that succeeded
-    stays succeeded. Returns None if prepare never registered the run."""
+    stays succeeded (None is returned).
+
+    A run prepare never registered (its params, the mapping or A's tables were refused first)
+    is recorded now, failed, as ``run_type`` (what the caller can tell of it), so that the
+    ledger shows every failed run with its reason."""
+    unreasoned = (
+        "SELECT error_class IS NULL FROM medsync.sync_run WHERE source_system = %s AND dag_run_id = %s FOR UPDATE"
+    )
     with conn.transaction():
-        before = conn.execute(
-            "SELECT error_class IS NULL FROM medsync.sync_run WHERE source_system = %s AND dag_run_id = %s FOR UPDATE",
-            (source, dag_run_id),
-        ).fetchone()
+        before = conn.execute(unreasoned, (source, dag_run_id)).fetchone()
+        if before is None:
+            inserted = conn.execute(
+                "INSERT INTO medsync.sync_run (source_system, dag_run_id, run_type, status, finished_at,"
+                " failed_task, error_class, error_message) VALUES (%s, %s, %s, 'failed', now(), %s, %s, %s)"
+                f" ON CONFLICT (source_system, dag_run_id) DO NOTHING RETURNING {_RUN_COLUMNS}",
+                (source, dag_run_id, run_type, task_id, error_class, message[:MESSAGE_LIMIT]),
+            ).fetchone()
+            if inserted is not None:
+                return Failed(_run_of(inserted), first=True)
+            # Another callback recorded the run meanwhile: it is failed below like any other.
+            before = conn.execute(unreasoned, (source, dag_run_id)).fetchone()
+            assert before is not None
         row = conn.execute(
             "UPDATE medsync.sync_run SET status = 'failed', finished_at = coalesce(finished_at, now()),"
             " failed_task = CASE WHEN error_class IS NULL THEN %s ELSE failed_task END,"
@@ -181,10 +213,9 @@ def fail(
             f" RETURNING {_RUN_COLUMNS}",
             (task_id, message[:MESSAGE_LIMIT], error_class, source, dag_run_id),
         ).fetchone()
-    if row is None or before is None:
+    if row is None:
         return None
-    run = Run(int(row[0]), row[1], row[2], row[3], row[4], row[5], dict(row[6] or {}))
-    return Failed(run, first=bool(before[0]))
+    return Failed(_run_of(row), first=bool(before[0]))
 
 
 def failure(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from datetime import date, datetime
 from uuid import UUID
 
 from medsync.config import LEVELS
+from medsync.errors import ConfigError
 
 PYTHON_TYPES: dict[str, type] = {
     "text": str,
@@ -133,7 +134,7 @@ def spec(level: str) -> LevelSpec:
     try:
         return SPECS[level]
     except KeyError:
-        raise ValueError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}") from None
+        raise ConfigError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}") from None
 
 
 def staged_columns(level: str) -> tuple[str, ...]:

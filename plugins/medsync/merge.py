@@ -42,9 +42,10 @@ import psycopg
 from psycopg import sql
 
 from medsync import live_count
-from medsync.errors import MergeError
+from medsync.errors import MergeError, SourceBehindError
 from medsync.levels import SPECS, LevelSpec, spec, staged_columns
 from medsync.locks import source_lock
+from medsync.report import source_behind_message
 from medsync.schema import A_SCHEMA, SCHEMA
 from medsync.staging import staging_table, staging_table_name
 
@@ -520,6 +521,7 @@ def merge_level(
     parent_lookup: str = "source_key",
     child_lookup: str = "source_key",
     chunk: tuple[int, int] | None = None,
+    refuse_older_than_a: bool = False,
 ) -> MergeCounts:
     """Merges this run's staging table (and the level's pending records) into A.
 
@@ -527,6 +529,10 @@ def merge_level(
     the level is still pulled (``medsync.early_merge``), without the pending records; the chunk
     is then recorded as merged with its counts. Without it, the merge leaves out the chunks
     merged early and adds their counts to its own.
+
+    ``refuse_older_than_a`` (a full refresh): when any record is older than what A holds of it
+    (the source went back in time), raises ``SourceBehindError`` with how many, before any
+    batch writes, so that none of the level's rows changes, not even those the source has newer.
 
     ``parent_lookup`` is the column of the parent's table that a staged ``parent_key`` matches
     (the source's ``ParentLink``: ``source_key``, or a UID column such as ``series_uid``).
@@ -568,6 +574,8 @@ def merge_level(
         )  # fmt: skip
         try:
             batches = _build_work(conn, q, params, _rows_per_batch(conn, q, params, batch_size, sessions), counts)
+            if refuse_older_than_a and (older := _older_than_a(conn, q, params)):
+                raise SourceBehindError(source_behind_message(source, {level: older}))
             counts.build_seconds = time.monotonic() - started
             more = [connect] * (min(sessions, batches) - 1) if connect is not None else []
             _run_batches(conn, q, params, more=more, batches=batches, counts=counts)
@@ -913,6 +921,27 @@ def holds_nothing_of_the_source(conn: psycopg.Connection, source: str, level: st
         {"src": source, "level": level},
     ).fetchone()
     return row == (True,)
+
+
+def _older_than_a(conn: psycopg.Connection, q: _Sql, params: dict[str, Any]) -> int:
+    """Records of the work table older than A's row or tombstone of them: the ones the batches
+    would decide ``stale`` (the same comparison), counted before any batch runs."""
+    if holds_nothing_of_the_source(conn, params["src"], q.s.level):
+        return 0  # a first load: nothing in A to be older than
+    row = conn.execute(
+        sql.SQL(
+            """
+            SELECT count(*) FROM {work} w
+            WHERE w.source_updated_at < GREATEST(
+                (SELECT a.source_updated_at FROM {table} a
+                 WHERE a.source_system = %(src)s AND a.source_key = w.source_key),
+                (SELECT t.source_updated_at FROM medsync.tombstone t
+                 WHERE t.source_system = %(src)s AND t.level = %(level)s AND t.source_key = w.source_key))
+            """
+        ).format(work=q.work, table=q.table),
+        params,
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _has_pending_rows(conn: psycopg.Connection, q: _Sql, source: str) -> bool:

@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 from uuid_utils import uuid7
 
+from medsync.errors import RunParamsError
 from medsync.levels import STAGE_FIXED_COLUMNS, staged_columns
 from medsync.schema import MEDSYNC_LOCK_CLASS, SCHEMA
 from medsync.sources.base import RawPage, RecordParser, RecordRejected, StagedRecord
@@ -276,9 +277,10 @@ def pull_level(
     rows so that no transaction stays open for a whole window. ``new_id`` makes the id a
     record gets if it is new to A: a UUID object (binary COPY), by default a UUIDv7.
 
-    A long pull logs its progress every ``progress_seconds``: records and pages so far, the
-    rate, and, given ``expected_records`` (what the source's counts say the window holds),
-    about how many records and seconds are left. One clock read per page.
+    A long pull logs its progress every ``progress_seconds``, from a timer thread, so also while
+    it waits for the source (retries, ``Retry-After``, the request limiter): records and pages so
+    far, the rate, and, given ``expected_records`` (what the source's counts say the window
+    holds), about how many records and seconds are left.
 
     Each commit is a chunk of the slice, numbered from 1 in the staged rows' ``chunk`` column;
     ``chunk_committed`` is told each chunk's number once it is committed (merging while
@@ -327,9 +329,7 @@ def pull_level(
             if chunk_committed is not None and in_chunk:
                 chunk_committed(chunk)
 
-    progress = Progress(level, slice_index, expected_records, progress_seconds)
-
-    def source_records() -> Iterator[tuple[object, StagedRecord | RecordRejected]]:
+    def source_records(progress: Progress) -> Iterator[tuple[object, StagedRecord | RecordRejected]]:
         for page in read_ahead(pages):
             counts.pages += 1
             counts.records += len(page.items)
@@ -342,7 +342,8 @@ def pull_level(
         for payloads in _open_quarantine(conn, source, level):
             counts.quarantine_retried += len(payloads)
             stage(_parse_each(parser, level, payloads), from_quarantine=True)
-    stage(source_records(), from_quarantine=False)
+    with Progress(level, slice_index, expected_records, progress_seconds) as progress:
+        stage(source_records(progress), from_quarantine=False)
     counts.seconds = time.monotonic() - started
     log.info(
         "pulled %s slice %d: %d pages, %d records, %d staged (%d tombstones), %d quarantined, "
@@ -354,33 +355,60 @@ def pull_level(
 
 
 class Progress:
-    """Logs a pull's progress at most every ``every`` seconds: one clock read per page."""
+    """Logs a pull's progress every ``every`` seconds from a timer thread, while in its ``with``.
+
+    The thread keeps the time, not the pages: a pull that waits for a page (retries, a source's
+    ``Retry-After``, the request limiter, a slow source) still says how far it is and how long
+    it has waited, so on-call can tell a slow pull from a stuck one. ``page`` only notes the counts.
+    """
 
     def __init__(self, level: str, slice_index: int, expected: int | None, every: float) -> None:
         self.what = f"{level} slice {slice_index}"
         self.expected, self.every = expected, every
-        self.started = time.monotonic()
-        self.next_at = self.started + every
+        self.started = self.last_page_at = time.monotonic()
+        self.seen = (0, 0)
+        """(records, pages) so far: one tuple, replaced whole, so the thread reads a consistent pair."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._log_until_stopped, name=f"medsync-progress-{level}", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self.started = self.last_page_at = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
     def page(self, records: int, pages: int) -> None:
-        now = time.monotonic()
-        if now >= self.next_at:
-            self.next_at = now + self.every
-            log.info("%s", self.line(records, pages, now - self.started))
+        self.seen = (records, pages)
+        self.last_page_at = time.monotonic()
 
-    def line(self, records: int, pages: int, seconds: float) -> str:
-        """Counts and rate only, and what is left where the source has counts."""
+    def _log_until_stopped(self) -> None:
+        while not self._stop.wait(self.every):
+            records, pages = self.seen
+            now = time.monotonic()
+            log.info("%s", self.line(records, pages, now - self.started, now - self.last_page_at))
+
+    def line(self, records: int, pages: int, seconds: float, since_page: float = 0.0) -> str:
+        """Counts and rate only, what is left where the source has counts, and a wait for the next page."""
         rate = records / seconds if seconds > 0 else 0.0
         line = f"pulling {self.what}: {records} records in {pages} pages after {seconds:.0f}s ({rate:.0f}/s)"
         if self.expected is not None and self.expected > 0:
             left = max(self.expected - records, 0)
             eta = f", about {left / rate:.0f}s" if rate > 0 else ""
             line += f"; about {left} of {self.expected} records left{eta}"
+        if since_page >= self.every:
+            line += f"; waiting {since_page:.0f}s for the next page (the source, its retries or the request limit)"
         return line
 
 
 def window_slice(window: Window, slices: int, index: int) -> Window:
     parts = window.slices(slices)
     if not 0 <= index < len(parts):
-        raise ValueError(f"slice {index} of a window split into {len(parts)}")
+        # A window shorter than its slice count (microseconds) splits into fewer slices.
+        raise RunParamsError(
+            f"slice {index} of window [{window.since.isoformat()}, {window.until.isoformat()}), "
+            f"which splits into {len(parts)} slices"
+        )
     return parts[index]

@@ -19,7 +19,7 @@ import psycopg
 
 from medsync import ledger
 from medsync.config import LEVELS, SourceConfig, get_source_config
-from medsync.errors import RunParamsError, SourceBehindError
+from medsync.errors import RunParamsError
 from medsync.mapping import load_mapping
 from medsync.request_limit import DatabaseRequestLimiter
 from medsync.sources import open_source
@@ -208,12 +208,11 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
 
     A dry run decides every record exactly as a merge would, inside one transaction that is
     rolled back: it reports what would be inserted, updated and deleted and writes nothing.
-    A full refresh fails as soon as a level's source served versions older than A holds (the
-    source went back in time); the merge never applies those, so A keeps its newer rows.
+    A full refresh fails at a level whose source served versions older than A holds (the source
+    went back in time) before writing any of the level's rows (``SourceBehindError``).
     """
     from medsync.levels import spec
     from medsync.merge import merge_level
-    from medsync.report import source_behind_message
 
     cfg = get_source_config(source)
     source_of = open_source(cfg)
@@ -239,14 +238,13 @@ def merge(source: str, level: str, run_id: int) -> dict[str, Any]:
                 # A dry run's batches are savepoints of one transaction, on one session.
                 sessions=1 if dry_run else cfg.merge_sessions,
                 connect=None if dry_run else (lambda: connect_a(cfg)),
+                refuse_older_than_a=run.run_type == FULL_REFRESH,
             ).as_dict()
         counts["dry_run"] = dry_run
         ledger.record_merge(conn, run_id, level, counts)
     if dry_run:
         log.info("dry run %d: %s would insert %d, update %d, delete %d (nothing written)",
                  run_id, level, counts["inserted"], counts["updated"], counts["deleted"])  # fmt: skip
-    if run.run_type == FULL_REFRESH and counts["stale"]:
-        raise SourceBehindError(source_behind_message(source, {level: int(counts["stale"])}))
     figures = ("inserted", "updated", "unchanged", "stale", "pending", "sessions", "build_seconds", "write_seconds")
     return {"level": level, "dry_run": dry_run, **{k: counts[k] for k in figures}}
 
@@ -271,21 +269,34 @@ def report(source: str, run_id: int) -> dict[str, Any]:
         # check_files already put its figures under "files"; keep them beside the levels.
         result = ledger.add_to_report(conn, run_id, result)
     log.info("sync report for %s run %d:\n%s", source, run_id, format_report(result))
-    alert_on_report(cfg, result)
+    # A run that fails its check alerts as failed (its callback), never as "succeeded, but".
     check_full_refresh(result)
+    alert_on_report(cfg, result)
     figures = {level: {c: f.get(c) for c in COLUMNS} for level, f in result["levels"].items()}
     return {"run_id": run_id, "kind": result["kind"], "dry_run": bool(result.get("dry_run")), "levels": figures,
             }  # fmt: skip
 
 
 def alert_on_report(cfg: SourceConfig, result: dict[str, Any]) -> list[str]:
-    """Tells someone when the report crosses the source's thresholds (``alerts.thresholds``); returns the findings."""
+    """Tells someone, once per run, when the report crosses the source's thresholds (``alerts.thresholds``);
+    returns the findings.
+
+    The ledger records that the alert went out, after sending it: a report task that runs again
+    (a retry, or cleared) sends no second one, unless the record itself failed.
+    """
     from medsync import alerts
 
     findings = alerts.report_findings(result, cfg.alerts.thresholds)
-    if findings:
-        log.warning("report of run %s crosses thresholds: %s", result.get("run_id"), "; ".join(findings))
+    if not findings:
+        return findings
+    run_id = int(result["run_id"])
+    log.warning("report of run %d crosses thresholds: %s", run_id, "; ".join(findings))
+    with connect_a(cfg) as conn:
+        if ledger.report_alerted(conn, run_id):
+            log.info("the report alert of run %d went out already: not sent again", run_id)
+            return findings
         alerts.send(cfg.alerts, alerts.report_alert(cfg, result, findings))
+        ledger.record_report_alert(conn, run_id)
     return findings
 
 

@@ -101,7 +101,7 @@ def plan_window(facts: RunFacts, watermark: datetime | None, lookback: timedelta
         return Window(max(facts.since, BEGINNING), facts.until)
     elif kind in (SCHEDULED, BACKFILL) or _has_interval(facts):
         if not _has_interval(facts):
-            raise ValueError(f"a {kind} run needs a data interval; the DAG's timetable must give one")
+            raise RunParamsError(f"a {kind} run needs a data interval; the DAG's timetable must give one")
         assert facts.data_interval_start is not None and facts.data_interval_end is not None
         since, until = facts.data_interval_start, facts.data_interval_end
         if kind != BACKFILL and watermark is not None and watermark < since:

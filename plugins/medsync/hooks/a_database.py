@@ -9,6 +9,8 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from psycopg import sql
 from psycopg.rows import tuple_row
 
+from medsync.errors import ConfigError
+
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 7200
 
@@ -52,7 +54,12 @@ class ADatabaseHook(PostgresHook):
     def get_conn(self) -> psycopg.Connection:
         conn = super().get_conn()
         if not isinstance(conn, psycopg.Connection):
-            raise TypeError("medsync needs psycopg 3 (install psycopg[binary]); got a psycopg2 connection")
+            conn.close()
+            # The installation, not the data: no retry fixes it.
+            raise ConfigError(
+                "medsync needs psycopg 3 (install psycopg[binary] and SQLAlchemy 2, with which the postgres "
+                "provider uses it); got a psycopg2 connection"
+            )
         conn.autocommit = True
         conn.row_factory = tuple_row
         conn.execute("SET application_name = 'medsync'")

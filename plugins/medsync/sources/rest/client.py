@@ -37,7 +37,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from medsync.config import LEVELS
-from medsync.errors import ConfigError, SourceApiError, SourceUnavailableError
+from medsync.errors import ConfigError, RunParamsError, SourceApiError, SourceUnavailableError
 from medsync.sources.base import RawPage, RequestLimiter, SourceClient
 from medsync.sources.rate_limit import TokenBucket
 from medsync.sources.rest.spec import (
@@ -620,7 +620,8 @@ class RestClient(SourceClient):
         some records are yielded twice; a record may also appear twice because it changed during
         paging. Callers keep the newest version of each key.
 
-        Raises ``ValueError`` for arguments outside the interface, ``SourceApiError`` /
+        Raises ``ConfigError`` for an unknown level, ``RunParamsError`` for a naive or reversed
+        window (both permanent: asking again cannot help), ``SourceApiError`` /
         ``SourceUnavailableError`` as described on the class.
         """
         if not self._asks(level, since, until):
@@ -649,11 +650,11 @@ class RestClient(SourceClient):
     def _asks(self, level: str, since: datetime, until: datetime) -> bool:
         """Whether ``[since, until)`` of ``level`` is worth a request; ValueError for arguments out of bounds."""
         if level not in self._listings:
-            raise ValueError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}")
-        format_moment(since, "rfc3339")  # refuses naive datetimes before anything else
-        format_moment(until, "rfc3339")
+            raise ConfigError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}")
+        if since.utcoffset() is None or until.utcoffset() is None:
+            raise RunParamsError("a naive datetime is ambiguous as a window bound; pass an aware one (e.g. tzinfo=UTC)")
         if since > until:
-            raise ValueError(f"window starts after it ends: [{since.isoformat()}, {until.isoformat()})")
+            raise RunParamsError(f"window starts after it ends: [{since.isoformat()}, {until.isoformat()})")
         if since == until:
             log.debug("%s %s: empty window at %s, nothing to ask", self._name, level, since.isoformat())
             return False

@@ -151,6 +151,17 @@ class Page:
     def get(self, path: str, user: str) -> Any:
         return self.client.get(path, headers={"Authorization": f"Bearer {self.token(user)}"})
 
+    def search(self, term: str, user: str) -> Any:
+        return self.client.post(
+            "/api/search", json={"q": term}, headers={"Authorization": f"Bearer {self.token(user)}"}
+        )
+
+    def found(self, term: str, user: str) -> list[dict[str, Any]]:
+        resp = self.search(term, user)
+        assert resp.status_code == 200, resp.text
+        results: list[dict[str, Any]] = resp.json()["results"]
+        return results
+
 
 @pytest.fixture(scope="module")
 def page(airflow_with_teams: dict[str, str], a_with_rows: str) -> Page:
@@ -172,3 +183,17 @@ def test_a_user_reads_the_sources_of_their_team_s_dags_only(page: Page) -> None:
         assert refused.status_code == 403, (name, refused.text)
         assert page.get(f"/api/sources/{name}", "c_reader").status_code == 200
     assert page.get("/api/sources/b", "c_reader").status_code == 403
+
+
+def test_the_search_term_is_in_no_url_nor_in_airflow_s_access_log(page: Page) -> None:
+    """A term may be a patient's MRN: it is POSTed, and the API server's access log records only the path."""
+    from structlog.testing import capture_logs
+
+    term = "no-such-key-4711"
+    with capture_logs() as logged:
+        (found,) = page.found(term, "admin")
+    assert found["states"] == ["never seen"]
+    access = [e for e in logged if e.get("event") == "request finished"]
+    assert [(e["method"], e["path"]) for e in access] == [("POST", "/api/search")]
+    assert term not in repr(logged)
+    assert page.client.get("/api/search", params={"q": "x"}).status_code == 405

@@ -74,9 +74,18 @@ class UiStack:
         return str(resp.json()["access_token"])
 
     def get(self, path: str, user: str | None = None, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, user, **kwargs)
+
+    def search(self, term: str, user: str | None = None, **kwargs: Any) -> requests.Response:
+        """The page's search: POSTed, so that the term is in no URL (nor in the API server's access log)."""
+        return self.request("POST", "/medsync/api/search", user, json={"q": term}, **kwargs)
+
+    def request(self, method: str, path: str, user: str | None = None, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token(user)}"} if user else {}
         headers.update(kwargs.pop("headers", {}))
-        return requests.get(f"{self.base_url}{path}", headers=headers, timeout=60, allow_redirects=False, **kwargs)
+        return requests.request(
+            method, f"{self.base_url}{path}", headers=headers, timeout=60, allow_redirects=False, **kwargs
+        )
 
     def query(self, text: str, *args: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.a_dsn) as conn:
@@ -163,14 +172,18 @@ def test_the_plugin_is_loaded_with_its_app_and_nav_entry(ui: UiStack) -> None:
     assert plugin["flask_blueprints"] == [] and plugin["appbuilder_views"] == []
 
 
-@pytest.mark.parametrize("path", ["/medsync/api/sources", "/medsync/api/sources/b", "/medsync/api/search?q=x"])
-def test_requests_without_a_valid_token_or_permission_are_refused(ui: UiStack, path: str) -> None:
-    assert ui.get(path).status_code == 401
-    assert ui.get(path, headers={"Authorization": "Bearer not-a-token"}).status_code == 403
-    assert ui.get(path, headers={"Cookie": "_token=not-a-token"}).status_code == 403
-    refused = ui.get(path, "outsider")
+API_ROUTES = [("GET", "/medsync/api/sources"), ("GET", "/medsync/api/sources/b"), ("POST", "/medsync/api/search")]
+
+
+@pytest.mark.parametrize(("method", "path"), API_ROUTES)
+def test_requests_without_a_valid_token_or_permission_are_refused(ui: UiStack, method: str, path: str) -> None:
+    body = {"json": {"q": "x"}} if method == "POST" else {}
+    assert ui.request(method, path, **body).status_code == 401
+    assert ui.request(method, path, headers={"Authorization": "Bearer not-a-token"}, **body).status_code == 403
+    assert ui.request(method, path, headers={"Cookie": "_token=not-a-token"}, **body).status_code == 403
+    refused = ui.request(method, path, "outsider", **body)
     assert refused.status_code == 403, refused.text
-    assert ui.get(path, "viewer").status_code == 200
+    assert ui.request(method, path, "viewer", **body).status_code == 200
 
 
 def test_the_page_sends_a_visitor_without_a_token_to_the_login(ui: UiStack) -> None:
@@ -214,10 +227,10 @@ def test_search_finds_a_quarantined_record_and_a_stored_one(ui: UiStack) -> None
     ((key, reason),) = ui.query(
         "SELECT source_key, reason FROM medsync.quarantine WHERE resolved_at IS NULL ORDER BY source_key LIMIT 1"
     )
-    (found,) = ui.get("/medsync/api/search", "viewer", params={"q": key}).json()["results"]
+    (found,) = ui.search(key, "viewer").json()["results"]
     assert "quarantined" in found["states"] and found["quarantine"]["reason"] == reason
     ((a_id, study_key),) = ui.query("SELECT id::text, source_key FROM imaging.study ORDER BY source_key LIMIT 1")
-    (stored,) = ui.get("/medsync/api/search", "viewer", params={"q": a_id}).json()["results"]
+    (stored,) = ui.search(a_id, "viewer").json()["results"]
     assert (stored["level"], stored["source_key"], stored["stored"]["a_id"]) == ("study", study_key, a_id)
 
 
@@ -298,8 +311,7 @@ def test_a_person_logs_in_and_sees_the_runs_the_quarantine_and_the_chart(ui: UiS
     # What a person sees holds no patient data; nor does anything the page's API answers.
     html = driver.page_source
     answers = [ui.get(p, "admin").text for p in ("/medsync/api/sources", "/medsync/api/sources/b")]
-    answers += [ui.get("/medsync/api/search", "admin", params={"q": g["sample_keys"][0]}).text
-                for g in data["quarantine"]]  # fmt: skip
+    answers += [ui.search(g["sample_keys"][0], "admin").text for g in data["quarantine"]]
     for secret in ui.phi():
         assert secret not in html and all(secret not in a for a in answers)
 

@@ -49,8 +49,11 @@ function runLink(dagId, dagRunId, text) {
   return el("a", { href, target: "_top", class: "run-link" }, text);
 }
 
-async function getJson(path) {
-  const resp = await fetch(BASE + path, { credentials: "same-origin", headers: { Accept: "application/json" } });
+async function getJson(path, payload) {
+  // A payload is POSTed as JSON: a search term (maybe an MRN) must be in no URL, since URLs are logged.
+  const init = payload === undefined ? {} : { method: "POST", body: JSON.stringify(payload) };
+  const resp = await fetch(BASE + path, { credentials: "same-origin", ...init,
+                                          headers: { Accept: "application/json", "Content-Type": "application/json" } });
   if (resp.status === 401) { location.reload(); throw new Error("not logged in"); }
   const body = await resp.json().catch(() => ({}));
   if (!resp.ok) throw new Error(body.detail || `HTTP ${resp.status}`);
@@ -245,7 +248,7 @@ async function search(term) {
   section.hidden = false;
   body.replaceChildren(el("p", { class: "note" }, "Searching…"));
   try {
-    const data = await getJson(`api/search?q=${encodeURIComponent(term)}`);
+    const data = await getJson("api/search", { q: term });
     if (!data.results.length) {
       body.replaceChildren(el("p", { class: "note" }, "Not found among the sources you may read."));
       return;

@@ -8,7 +8,7 @@ belongs to team ``imaging_b`` and ``medsync_c``'s and ``medsync_pacs``'s bundle 
 ``imaging_c``; users log in through SimpleAuthManager's own login (their tokens are its JWTs),
 and the page's FastAPI app (``medsync.ui.app``, nothing of it stubbed) answers them through a
 TestClient, wrapped in Airflow's access-log middleware as the API server wraps it. A is a
-real PostgreSQL database holding B's rows (a sync of ``tests.test_merge``) and C's.
+real PostgreSQL database holding B's rows (a sync of ``tests.test_merge``), C's and a PACS's.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg import sql
 
 from tests.airflow_stack import migrated_metadata_db, sqlalchemy_url
 from tests.conftest import RUN_TAG, create_database, drop_database
 from tests.test_merge import Sync, full_tree
+from tests.test_ui_queries import PACS_PHI, insert_pacs_rows
 
 USERS = {"b_reader": "viewer:imaging_b", "c_reader": "viewer:imaging_c", "admin": "admin"}
 """SimpleAuthManager users (``name:role[:team]``): a viewer of one team each, and an admin."""
@@ -108,13 +110,14 @@ def _insert_c_rows(conn: psycopg.Connection) -> None:
 
 @pytest.fixture(scope="module")
 def a_with_rows(a_template_db: str) -> Iterator[str]:
-    """A's database with B's and C's rows; the page's connection (medsync_a_db) points at it."""
+    """A's database with B's, C's and the PACS's rows; the page's connection (medsync_a_db) points at it."""
     name = f"medsync_ui_access_{RUN_TAG}"
     dsn = create_database(name, template=a_template_db)
     sync = Sync(dsn)
     try:
         sync.run(**full_tree())
         _insert_c_rows(sync.conn)
+        insert_pacs_rows(sync.conn)
         sync.conn.close()
         params = psycopg.conninfo.conninfo_to_dict(dsn)
         uri = f"postgres://{params.get('user', 'postgres')}@{params['host']}:{params['port']}/{name}"
@@ -168,6 +171,18 @@ def page(airflow_with_teams: dict[str, str], a_with_rows: str) -> Page:
     return Page(airflow_with_teams)
 
 
+def a_id(dsn: str, level: str, source: str, key: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT id::text FROM {} WHERE source_system = %s AND source_key = %s").format(
+                sql.Identifier("imaging", level)
+            ),
+            (source, key),
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def test_a_user_reads_the_sources_of_their_team_s_dags_only(page: Page) -> None:
     def listed(user: str) -> list[str]:
         resp = page.get("/api/sources", user)
@@ -189,11 +204,32 @@ def test_the_search_term_is_in_no_url_nor_in_airflow_s_access_log(page: Page) ->
     """A term may be a patient's MRN: it is POSTed, and the API server's access log records only the path."""
     from structlog.testing import capture_logs
 
-    term = "no-such-key-4711"
     with capture_logs() as logged:
-        (found,) = page.found(term, "admin")
-    assert found["states"] == ["never seen"]
+        (found,) = page.found(PACS_PHI[0], "admin")
+    assert found["states"] == ["stored"]
     access = [e for e in logged if e.get("event") == "request finished"]
     assert [(e["method"], e["path"]) for e in access] == [("POST", "/api/search")]
-    assert term not in repr(logged)
+    assert PACS_PHI[0] not in repr(logged)
     assert page.client.get("/api/search", params={"q": "x"}).status_code == 405
+
+
+def test_no_patient_id_reaches_any_answer(page: Page, a_with_rows: str) -> None:
+    """The PACS's subject keys are MRNs: whatever is asked, the answers show them masked."""
+    dsn = a_with_rows
+    subject = a_id(dsn, "subject", "pacs", PACS_PHI[0])
+    study = a_id(dsn, "study", "pacs", "1.2.826.0.1.3680043.8.498.101")
+    answers = [page.get(p, u) for p in ("/api/sources", "/api/sources/pacs") for u in ("admin", "c_reader")]
+    terms = [*PACS_PHI[:3], subject, study, "1.2.826.0.1.3680043.8.498.102", "1.2.826.0.1.3680043.8.498.103"]
+    answers += [page.search(term, user) for term in terms for user in ("admin", "c_reader")]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+    for answer in answers:
+        for secret in PACS_PHI:
+            assert secret not in answer.text, (secret, answer.text)
+    # The match still works, and the same patient has the same token wherever it is shown.
+    (by_key,) = page.found(PACS_PHI[0], "c_reader")
+    assert by_key["stored"]["a_id"] == subject and by_key["source_key"].startswith("patient#")
+    assert page.found(subject, "c_reader")[0]["source_key"] == by_key["source_key"]
+    overview = page.get("/api/sources/pacs", "c_reader").json()
+    (held,) = [g for g in overview["quarantine"] if g["level"] == "subject"]
+    waiting = {w["source_key"]: w["parent_key"] for w in overview["pending"]["study"]["longest_waiting"]}
+    assert waiting["1.2.826.0.1.3680043.8.498.102"] == held["sample_keys"][0]

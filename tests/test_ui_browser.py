@@ -13,7 +13,10 @@ makes, then a full refresh. Then:
   when missing) logs in on Airflow's login page, opens **medsync** from the UI's navigation,
   and checks the run table's figures, a quarantine reason and the chart; the screenshot is
   saved in ``build/artifacts/``;
-- no MRN, name or birth date of B's patients appears in the page's HTML or its API's answers.
+- no MRN, name or birth date of B's patients appears in the page's HTML or its API's answers;
+- with a PACS's rows added to A (its subjects' source keys are PatientIDs, i.e. MRNs), the
+  page shows the PACS's quarantine, waiting studies and a search by PatientID with every
+  such key masked: no PatientID in the HTML.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from conftest import ROOT, RUN_TAG, create_database, drop_database
 from test_airflow_stack import SIM_ARGS, MedsyncEnv, b_records, medsync_scenario, upload_b_files
 
 from simulator.client import SimAdminClient
+from tests.test_ui_queries import PACS_PHI, PACS_WAITS_FOR_HELD, insert_pacs_rows
 
 pytestmark = pytest.mark.slow
 
@@ -321,3 +325,34 @@ def test_a_person_logs_in_and_sees_the_runs_the_quarantine_and_the_chart(ui: UiS
     driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     print(f"\nscreenshot: {shot}")
+
+
+def test_a_pacs_s_patient_ids_are_masked_on_the_page(ui: UiStack, chromium: Any) -> None:
+    """The PACS keys subjects by PatientID (the MRN): quarantine, waiting studies and a search show tokens."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with psycopg.connect(ui.a_dsn) as conn:
+        insert_pacs_rows(conn)
+    driver, wait = chromium, WebDriverWait(chromium, 60)
+    driver.switch_to.default_content()
+    driver.get(f"{ui.base_url}{PAGE}?source=pacs")  # the page alone; a browser without the UI's cookie logs in
+    if driver.find_elements(By.CSS_SELECTOR, "input[name=username], input#username"):
+        inputs = driver.find_elements(By.CSS_SELECTOR, "form input")
+        inputs[0].send_keys("viewer")
+        inputs[1].send_keys(ui.passwords["viewer"])
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit], form button").click()
+        driver.get(f"{ui.base_url}{PAGE}?source=pacs")
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-loaded=pacs]")))
+    held = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#quarantine td.keys")]
+    waiting = " ".join(td.text for td in driver.find_elements(By.CSS_SELECTOR, "#pending td.keys"))
+    assert len(held) == 1 and held[0].startswith("patient#") and PACS_WAITS_FOR_HELD in waiting
+    assert f"{PACS_WAITS_FOR_HELD} → {held[0]}" in waiting  # the same patient, the same token
+    driver.find_element(By.ID, "search-term").send_keys(PACS_PHI[0], Keys.ENTER)
+    found = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#search-body .found")))
+    assert "stored" in found.find_element(By.CSS_SELECTOR, ".search-state").text and "patient#" in found.text
+    html = driver.page_source
+    for secret in PACS_PHI:
+        assert secret not in html

@@ -121,10 +121,11 @@ def create_app() -> FastAPI:
                 with connect_readonly(conn_id) as conn:
                     results += queries.search(conn, names, request.q)
             except psycopg.errors.UndefinedTable:
-                results.append({"source_key": request.q, "sources": names, "states": ["never seen"]})
+                results.append({"sources": names, "states": [queries.NEVER_SEEN]})
             except (psycopg.Error, ConnectionMissingError) as exc:
                 raise _database_unavailable(",".join(names), exc) from exc
-        found = [r for r in results if r["states"] != ["never seen"]]
-        return JSONResponse({"query": request.q, "results": found or results[:1]}, headers=NO_STORE)
+        # The term is not echoed: it may be a patient's MRN, which the answer shows only masked.
+        found = [r for r in results if queries.found(r)]
+        return JSONResponse({"results": found or results[:1]}, headers=NO_STORE)
 
     return app

@@ -253,9 +253,10 @@ async function search(term) {
       body.replaceChildren(el("p", { class: "note" }, "Not found among the sources you may read."));
       return;
     }
+    // A miss names the sources searched, not the term: it may be an MRN, which the page never shows.
     body.replaceChildren(...data.results.map((r) => el("div", { class: "found" },
       el("strong", { class: "search-state" }, r.states.join(", ")), " ",
-      r.source ? `${r.source} ${r.level} ${r.source_key}` : (r.source_key || r.a_id || term),
+      r.source ? `${r.source} ${r.level} ${r.source_key}` : (r.a_id ? `A's id ${r.a_id}` : `in source ${r.sources.join(", ")}`),
       describe(r))));
   } catch (err) {
     body.replaceChildren(el("p", { class: "bad" }, err.message));

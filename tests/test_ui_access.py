@@ -200,6 +200,31 @@ def test_a_user_reads_the_sources_of_their_team_s_dags_only(page: Page) -> None:
     assert page.get("/api/sources/b", "c_reader").status_code == 403
 
 
+def test_a_search_reveals_nothing_of_a_source_the_user_may_not_read(page: Page, a_with_rows: str) -> None:
+    dsn = a_with_rows
+    c_study = a_id(dsn, "study", "c", C_STUDY)
+    # C's reader finds C's study by A's id and by C's key ...
+    (by_id,) = page.found(c_study, "c_reader")
+    assert (by_id["source"], by_id["source_key"], by_id["states"]) == ("c", C_STUDY, ["stored"])
+    assert page.found(C_STUDY, "c_reader")[0]["stored"]["a_id"] == c_study
+    # ... B's reader learns nothing: the answer for C's id is the one for an id A does not have.
+    nowhere = str(uuid.uuid4())
+    (hidden,) = page.found(c_study, "b_reader")
+    (absent,) = page.found(nowhere, "b_reader")
+    assert hidden == absent == {"sources": ["b"], "states": ["not found"]}
+    assert page.found(C_STUDY, "b_reader") == [hidden]  # C's key is a UUID: looked up as an id too
+    assert page.found("c-key-of-no-one", "b_reader") == [{"sources": ["b"], "states": ["never seen"]}]
+    for term in (c_study, C_STUDY, C_SUBJECT):
+        assert C_STUDY not in page.search(term, "b_reader").text
+    # Nor does an id of the PACS (C's team), nor a PatientID.
+    pacs_subject = a_id(dsn, "subject", "pacs", PACS_PHI[0])
+    assert page.found(pacs_subject, "b_reader") == [{"sources": ["b"], "states": ["not found"]}]
+    assert page.found(PACS_PHI[0], "b_reader")[0]["states"] == ["never seen"]
+    # B's reader does find B's records.
+    i1 = a_id(dsn, "instance", "b", "i1")
+    assert page.found(i1, "b_reader")[0]["states"] == ["stored"]
+
+
 def test_the_search_term_is_in_no_url_nor_in_airflow_s_access_log(page: Page) -> None:
     """A term may be a patient's MRN: it is POSTed, and the API server's access log records only the path."""
     from structlog.testing import capture_logs

@@ -40,6 +40,9 @@ QUARANTINE_GROUPS = 100
 SAMPLE_KEYS = 5
 NEVER_SEEN = "never seen"
 """A search's answer for a source key that no source the user may read ever sent."""
+NOT_FOUND = "not found"
+"""A search's answer for a UUID that is no A row of the sources the user may read (whether or not A has
+it), nor any of their keys."""
 
 
 def _source(name: str) -> Source:
@@ -53,7 +56,7 @@ def _shown_key(source: Source, level: str, key: str) -> str:
 
 def found(result: dict[str, Any]) -> bool:
     """Whether a search's answer is a record (not a miss)."""
-    return bool(result["states"] != [NEVER_SEEN])
+    return result["states"] not in ([NEVER_SEEN], [NOT_FOUND])
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -360,9 +363,12 @@ def _by_a_id(conn: psycopg.Connection, a_id: uuid.UUID) -> tuple[str, str, str |
 def search(conn: psycopg.Connection, sources: list[str], term: str) -> list[dict[str, Any]]:
     """Where the record with this source key, or A's row with this id, stands, in each of ``sources``.
 
-    A key is looked up at every level of every source given; an id finds A's row at any
-    level, shown only when its source is one of ``sources``. A key no source ever sent
-    comes back as ``never seen``, without the term: it may be a patient's MRN.
+    A key is looked up at every level of every source given; an id finds A's row at any level,
+    shown only when its source is one of ``sources``, and a UUID that finds none is looked up as
+    a key. A miss is ``never seen`` (a key none of them ever sent) or ``not found`` (a UUID that is neither),
+    whether A has no such row or it is another source's or A's own: a user learns nothing of
+    what they may not read, not even that it exists. A miss does not repeat the term, which
+    may be a patient's MRN.
     """
     term = term.strip()[:MAX_SEARCH_TERM]
     if not term:
@@ -373,10 +379,9 @@ def search(conn: psycopg.Connection, sources: list[str], term: str) -> list[dict
         a_id = None
     if a_id is not None:
         level, source, key = _by_a_id(conn, a_id) or (None, None, None)
-        if level is None:
-            return [{"a_id": str(a_id), "states": ["not in A"]}]
-        if source not in sources or key is None:
-            return []  # A's own row, or another source's the user may not read
-        return [record_state(conn, source, level, key)]
+        if level is not None and source in sources and key is not None:
+            return [record_state(conn, source, level, key)]
+    # Not A's id of a record the user may read: a source key, maybe a UUID (C's keys are UUIDs).
     results = [_record_state(conn, src, level, term) for src in map(_source, sources) for level in LEVELS]
-    return [r for r in results if found(r)] or [{"sources": sources, "states": [NEVER_SEEN]}]
+    hits = [r for r in results if found(r)]
+    return hits or [{"sources": sources, "states": [NOT_FOUND if a_id is not None else NEVER_SEEN]}]

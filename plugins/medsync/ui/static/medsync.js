@@ -256,7 +256,7 @@ async function search(term) {
     // A miss names the sources searched, not the term: it may be an MRN, which the page never shows.
     body.replaceChildren(...data.results.map((r) => el("div", { class: "found" },
       el("strong", { class: "search-state" }, r.states.join(", ")), " ",
-      r.source ? `${r.source} ${r.level} ${r.source_key}` : (r.a_id ? `A's id ${r.a_id}` : `in source ${r.sources.join(", ")}`),
+      r.source ? `${r.source} ${r.level} ${r.source_key}` : `in source ${r.sources.join(", ")}`,
       describe(r))));
   } catch (err) {
     body.replaceChildren(el("p", { class: "bad" }, err.message));

@@ -13,7 +13,10 @@ makes, then a full refresh. Then:
   when missing) logs in on Airflow's login page, opens **medsync** from the UI's navigation,
   and checks the run table's figures, a quarantine reason and the chart; the screenshot is
   saved in ``build/artifacts/``;
-- no MRN, name or birth date of B's patients appears in the page's HTML or its API's answers.
+- no MRN, name or birth date of B's patients appears in the page's HTML or its API's answers;
+- with a PACS's rows added to A (its subjects' source keys are PatientIDs, i.e. MRNs), the
+  page shows the PACS's quarantine, waiting studies and a search by PatientID with every
+  such key masked: no PatientID in the HTML.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from conftest import ROOT, RUN_TAG, create_database, drop_database
 from test_airflow_stack import SIM_ARGS, MedsyncEnv, b_records, medsync_scenario, upload_b_files
 
 from simulator.client import SimAdminClient
+from tests.test_ui_queries import PACS_PHI, PACS_WAITS_FOR_HELD, insert_pacs_rows
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +78,18 @@ class UiStack:
         return str(resp.json()["access_token"])
 
     def get(self, path: str, user: str | None = None, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, user, **kwargs)
+
+    def search(self, term: str, user: str | None = None, **kwargs: Any) -> requests.Response:
+        """The page's search: POSTed, so that the term is in no URL (nor in the API server's access log)."""
+        return self.request("POST", "/medsync/api/search", user, json={"q": term}, **kwargs)
+
+    def request(self, method: str, path: str, user: str | None = None, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token(user)}"} if user else {}
         headers.update(kwargs.pop("headers", {}))
-        return requests.get(f"{self.base_url}{path}", headers=headers, timeout=60, allow_redirects=False, **kwargs)
+        return requests.request(
+            method, f"{self.base_url}{path}", headers=headers, timeout=60, allow_redirects=False, **kwargs
+        )
 
     def query(self, text: str, *args: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.a_dsn) as conn:
@@ -163,14 +176,18 @@ def test_the_plugin_is_loaded_with_its_app_and_nav_entry(ui: UiStack) -> None:
     assert plugin["flask_blueprints"] == [] and plugin["appbuilder_views"] == []
 
 
-@pytest.mark.parametrize("path", ["/medsync/api/sources", "/medsync/api/sources/b", "/medsync/api/search?q=x"])
-def test_requests_without_a_valid_token_or_permission_are_refused(ui: UiStack, path: str) -> None:
-    assert ui.get(path).status_code == 401
-    assert ui.get(path, headers={"Authorization": "Bearer not-a-token"}).status_code == 403
-    assert ui.get(path, headers={"Cookie": "_token=not-a-token"}).status_code == 403
-    refused = ui.get(path, "outsider")
+API_ROUTES = [("GET", "/medsync/api/sources"), ("GET", "/medsync/api/sources/b"), ("POST", "/medsync/api/search")]
+
+
+@pytest.mark.parametrize(("method", "path"), API_ROUTES)
+def test_requests_without_a_valid_token_or_permission_are_refused(ui: UiStack, method: str, path: str) -> None:
+    body = {"json": {"q": "x"}} if method == "POST" else {}
+    assert ui.request(method, path, **body).status_code == 401
+    assert ui.request(method, path, headers={"Authorization": "Bearer not-a-token"}, **body).status_code == 403
+    assert ui.request(method, path, headers={"Cookie": "_token=not-a-token"}, **body).status_code == 403
+    refused = ui.request(method, path, "outsider", **body)
     assert refused.status_code == 403, refused.text
-    assert ui.get(path, "viewer").status_code == 200
+    assert ui.request(method, path, "viewer", **body).status_code == 200
 
 
 def test_the_page_sends_a_visitor_without_a_token_to_the_login(ui: UiStack) -> None:
@@ -214,10 +231,10 @@ def test_search_finds_a_quarantined_record_and_a_stored_one(ui: UiStack) -> None
     ((key, reason),) = ui.query(
         "SELECT source_key, reason FROM medsync.quarantine WHERE resolved_at IS NULL ORDER BY source_key LIMIT 1"
     )
-    (found,) = ui.get("/medsync/api/search", "viewer", params={"q": key}).json()["results"]
+    (found,) = ui.search(key, "viewer").json()["results"]
     assert "quarantined" in found["states"] and found["quarantine"]["reason"] == reason
     ((a_id, study_key),) = ui.query("SELECT id::text, source_key FROM imaging.study ORDER BY source_key LIMIT 1")
-    (stored,) = ui.get("/medsync/api/search", "viewer", params={"q": a_id}).json()["results"]
+    (stored,) = ui.search(a_id, "viewer").json()["results"]
     assert (stored["level"], stored["source_key"], stored["stored"]["a_id"]) == ("study", study_key, a_id)
 
 
@@ -298,8 +315,7 @@ def test_a_person_logs_in_and_sees_the_runs_the_quarantine_and_the_chart(ui: UiS
     # What a person sees holds no patient data; nor does anything the page's API answers.
     html = driver.page_source
     answers = [ui.get(p, "admin").text for p in ("/medsync/api/sources", "/medsync/api/sources/b")]
-    answers += [ui.get("/medsync/api/search", "admin", params={"q": g["sample_keys"][0]}).text
-                for g in data["quarantine"]]  # fmt: skip
+    answers += [ui.search(g["sample_keys"][0], "admin").text for g in data["quarantine"]]
     for secret in ui.phi():
         assert secret not in html and all(secret not in a for a in answers)
 
@@ -309,3 +325,34 @@ def test_a_person_logs_in_and_sees_the_runs_the_quarantine_and_the_chart(ui: UiS
     driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     print(f"\nscreenshot: {shot}")
+
+
+def test_a_pacs_s_patient_ids_are_masked_on_the_page(ui: UiStack, chromium: Any) -> None:
+    """The PACS keys subjects by PatientID (the MRN): quarantine, waiting studies and a search show tokens."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with psycopg.connect(ui.a_dsn) as conn:
+        insert_pacs_rows(conn)
+    driver, wait = chromium, WebDriverWait(chromium, 60)
+    driver.switch_to.default_content()
+    driver.get(f"{ui.base_url}{PAGE}?source=pacs")  # the page alone; a browser without the UI's cookie logs in
+    if driver.find_elements(By.CSS_SELECTOR, "input[name=username], input#username"):
+        inputs = driver.find_elements(By.CSS_SELECTOR, "form input")
+        inputs[0].send_keys("viewer")
+        inputs[1].send_keys(ui.passwords["viewer"])
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit], form button").click()
+        driver.get(f"{ui.base_url}{PAGE}?source=pacs")
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "body[data-loaded=pacs]")))
+    held = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#quarantine td.keys")]
+    waiting = " ".join(td.text for td in driver.find_elements(By.CSS_SELECTOR, "#pending td.keys"))
+    assert len(held) == 1 and held[0].startswith("patient#") and PACS_WAITS_FOR_HELD in waiting
+    assert f"{PACS_WAITS_FOR_HELD} → {held[0]}" in waiting  # the same patient, the same token
+    driver.find_element(By.ID, "search-term").send_keys(PACS_PHI[0], Keys.ENTER)
+    found = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#search-body .found")))
+    assert "stored" in found.find_element(By.CSS_SELECTOR, ".search-state").text and "patient#" in found.text
+    html = driver.page_source
+    for secret in PACS_PHI:
+        assert secret not in html

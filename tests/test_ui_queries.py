@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,8 +24,9 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from medsync.config import LEVELS
+from medsync.config import LEVELS, load_source_configs
 from medsync.report import build_report
+from medsync.sources import open_source
 from medsync.ui import queries
 from tests.conftest import ROOT
 from tests.test_merge import Sync, full_tree, image, patient, series, study
@@ -34,6 +36,9 @@ SINCE = datetime(2026, 11, 18, tzinfo=UTC)
 UNTIL = datetime(2026, 11, 20, tzinfo=UTC)
 PHI = ("Doe", "Jane", "MRN-", "1970-05-06")
 """What the test records hold that is PHI (names, MRNs, birth dates): never in the page's data."""
+PACS_PHI = ("PID4711002", "PID4711003", "PID4711004", "Roe", "1961-02-03")
+"""The PACS rows' PatientIDs (their subjects' source keys: MRNs), a name and a birth date."""
+PACS_STUDY, PACS_WAITS_FOR_HELD, PACS_WAITS_FOR_UNSEEN = (f"1.2.826.0.1.3680043.8.498.{n}" for n in (101, 102, 103))
 
 
 def record_run(sync: Sync, run_id: int, counts: dict[str, Any], pulled: dict[str, int], kind: str) -> None:
@@ -71,6 +76,38 @@ def known_records() -> dict[str, list[dict[str, Any]]]:
     tree["sequence"].append(series("q3", "s3", modality="SPECTRAL_CT"))  # unknown value: held back
     tree["instance"].append(image("i9", "1.3.q3"))  # waits for q3
     return tree
+
+
+def insert_pacs_rows(conn: psycopg.Connection) -> None:
+    """What syncing a PACS leaves in A and the ledger, keyed as docs/dicomweb-mapping.md keys it.
+
+    A stored patient (source key: its PatientID) with a study; a patient held back (source key:
+    issuer and PatientID); a study waiting for that patient, and one for a patient never seen.
+    """
+    subject_id = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO imaging.subject (id, source_system, source_key, patient_code, patient_name, birth_date,"
+        " source_updated_at) VALUES (%s, 'pacs', 'PID4711002', 'PID4711002', 'Roe^Richard', '1961-02-03', now())",
+        (subject_id,),
+    )
+    conn.execute(
+        "INSERT INTO imaging.study (id, subject_id, source_system, source_key, study_uid, status, source_updated_at)"
+        " VALUES (%s, %s, 'pacs', %s, %s, 'COMPLETED', now())",
+        (uuid.uuid4(), subject_id, PACS_STUDY, PACS_STUDY),
+    )
+    payload = {"00100020": {"vr": "LO", "Value": ["PID4711003"]}, "00100021": {"vr": "LO", "Value": ["HOSP"]},
+               "00100040": {"vr": "CS", "Value": ["X"]}}  # fmt: skip
+    conn.execute(
+        "INSERT INTO medsync.quarantine (source_system, level, source_key, source_updated_at, reason, payload)"
+        " VALUES ('pacs', 'subject', %s, now(), 'PatientSex: unknown value', %s)",
+        ("HOSP\\PID4711003", Jsonb(payload)),
+    )
+    for study_key, patient_key in ((PACS_WAITS_FOR_HELD, "HOSP\\PID4711003"), (PACS_WAITS_FOR_UNSEEN, "PID4711004")):
+        conn.execute(
+            "INSERT INTO medsync.pending_study (source_system, source_key, source_updated_at, deleted, new_id,"
+            " parent_key, study_uid, status) VALUES ('pacs', %s, now(), false, %s, %s, %s, 'COMPLETED')",
+            (study_key, uuid.uuid4(), patient_key, study_key),
+        )
 
 
 @pytest.fixture
@@ -155,9 +192,11 @@ def test_search_tells_where_a_record_stands(synced: Sync) -> None:
     assert by_id["stored"]["a_id"] == str(a_id) and by_id["stored"]["source_updated_at"]
     (by_key,) = queries.search(conn, ["b"], " p1 ")
     assert by_key["level"] == "subject" and by_key["stored"]["deleted_at"] is None
-    assert queries.search(conn, ["b"], "nothing-like-it")[0]["states"] == ["never seen"]
-    # Another source's rows (here: any id when the user may read no source) are not shown.
-    assert queries.search(conn, [], str(a_id)) == []
+    assert queries.search(conn, ["b"], "nothing-like-it") == [{"sources": ["b"], "states": ["never seen"]}]
+    # Another source's row (here: any id when the user may read no source) answers as an id A does not have.
+    nowhere = str(uuid.uuid4())
+    assert queries.search(conn, [], str(a_id)) == [{"sources": [], "states": ["not found"]}]
+    assert queries.search(conn, ["b"], nowhere) == [{"sources": ["b"], "states": ["not found"]}]
 
 
 def test_deleted_and_tombstoned_records(synced: Sync) -> None:
@@ -175,6 +214,49 @@ def test_nothing_the_page_reads_holds_phi(synced: Sync) -> None:
     for secret in PHI:
         assert secret not in text
     assert "q3" in text and "modality" in text  # the check looks at the right data
+
+
+def test_only_a_pacs_s_subject_keys_identify_patients() -> None:
+    """B's and C's keys are their own opaque ids (b-to-a.md, c-to-a.md); a PACS's subjects are keyed by MRN."""
+    configs = load_source_configs()
+    assert {"rest", "dicomweb"} <= {cfg.protocol for cfg in configs}
+    for cfg in configs:
+        identifying = [level for level in LEVELS if open_source(cfg).keys_identify_patients(level)]
+        assert identifying == (["subject"] if cfg.protocol == "dicomweb" else []), cfg.name
+    # The page knows this only through the source interface, never from a protocol's own modules.
+    for module in (ROOT / "plugins" / "medsync" / "ui").glob("*.py"):
+        assert "sources.dicomweb" not in module.read_text(), module
+
+
+def test_a_pacs_s_patient_ids_are_shown_masked(synced: Sync) -> None:
+    """A PACS keys subjects by PatientID, the MRN: quarantine, pending parents and searches mask it."""
+    conn = synced.conn
+    insert_pacs_rows(conn)
+    (held,) = queries.quarantine_groups(conn, "pacs")
+    (token,) = held["sample_keys"]
+    assert held["count"] == 1 and token.startswith("patient#") and len(token) == len("patient#") + 12
+    pending = queries.pending_summary(conn, "pacs", datetime.now(UTC))["study"]
+    parents = {w["source_key"]: w["parent_key"] for w in pending["longest_waiting"]}
+    assert parents[PACS_WAITS_FOR_HELD] == token  # the same patient, the same token
+    assert parents[PACS_WAITS_FOR_UNSEEN].startswith("patient#") and parents[PACS_WAITS_FOR_UNSEEN] != token
+    # A search by the PatientID finds the patient; the answer shows its A id and the token, not the key.
+    (stored,) = queries.search(conn, ["pacs"], "PID4711002")
+    assert stored["states"] == ["stored"] and stored["source_key"].startswith("patient#")
+    (by_id,) = queries.search(conn, ["pacs"], stored["stored"]["a_id"])
+    assert by_id["source_key"] == stored["source_key"]
+    (waiting,) = queries.search(conn, ["pacs"], PACS_WAITS_FOR_HELD)
+    assert waiting["pending"]["parent_key"] == token and waiting["pending"]["parent"]["states"] == ["quarantined"]
+    assert queries.search(conn, ["pacs"], "HOSP\\PID4711003")[0]["source_key"] == token
+    assert queries.search(conn, ["pacs", "b"], "PID4711004") == [{"sources": ["pacs", "b"], "states": ["never seen"]}]
+    shown = [queries.overview(conn, "pacs", datetime.now(UTC))]
+    terms = ("PID4711002", "HOSP\\PID4711003", PACS_STUDY, PACS_WAITS_FOR_HELD, PACS_WAITS_FOR_UNSEEN)
+    shown += [queries.search(conn, ["pacs"], term) for term in terms]
+    text = json.dumps(shown, default=str)
+    for secret in PACS_PHI:
+        assert secret not in text
+    assert PACS_WAITS_FOR_HELD in text and "PatientSex" in text  # the check looks at the right data
+    # B's keys are B's own opaque ids: shown as they are.
+    assert queries.search(conn, ["b"], "p1")[0]["source_key"] == "p1"
 
 
 class Plans:
@@ -226,7 +308,7 @@ def test_the_page_benchmark_runs(tmp_path: Path) -> None:
     # that no query needs to is test_no_query_scans_a_table; this run shows the script works.
     assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sequential scans of imaging.*: " in proc.stdout and "slowest statement: " in proc.stdout
-    assert "100 statements per page view" in proc.stdout
+    assert "115 statements per page view" in proc.stdout
 
 
 def test_the_page_reads_through_medsync_s_connection_read_only_with_a_timeout(

@@ -234,6 +234,15 @@ class Source(ABC):
     def deletion_mode(self, level: str) -> DeletionMode:
         """How deletions of ``level`` are learned."""
 
+    def keys_identify_patients(self, level: str) -> bool:
+        """Whether ``level``'s source keys identify a patient outside this source (an MRN, a DICOM PatientID).
+
+        Such keys are PHI: what people see (the medsync page) and logs show them masked, never as
+        they are. False by default: a source's own opaque ids (B's ``pat_...``, C's uuids) name
+        nobody outside it, and UIDs of studies, series and instances are not patient identifiers.
+        """
+        return False
+
     @property
     def has_counts(self) -> bool:
         """Whether :meth:`SourceClient.counts` answers (reports say what they could not check)."""

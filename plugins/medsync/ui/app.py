@@ -4,8 +4,9 @@
   redirects to Airflow's login, which comes back here.
 - ``GET /api/sources``: the sources whose DAG the user may read.
 - ``GET /api/sources/{name}``: everything the page shows for one source (``queries.overview``).
-- ``GET /api/search?q=``: where a record stands, by source key or A's id, in the sources the
-  user may read.
+- ``POST /api/search`` with ``{"q": ...}``: where a record stands, by source key or A's id, in
+  the sources the user may read. POST, so that the term (it may be a patient's MRN) is in no
+  URL: Airflow's access log records every request's path and query string.
 
 Every API route answers 401 without a token (or with an expired one), 403 with a token
 Airflow did not sign or for a source whose DAG the user may not read. Data comes from A's
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 
 from medsync.config import SourceConfig, load_source_configs
 from medsync.errors import ConfigError
@@ -38,6 +40,11 @@ NO_STORE = {"Cache-Control": "no-store"}
 """The figures change with every run, and pages of patients' records belong in no cache."""
 
 User = Annotated[Any, Depends(current_user)]
+
+
+class SearchRequest(BaseModel):
+    q: str = Field(min_length=1, max_length=queries.MAX_SEARCH_TERM)
+    """A source key or A's id."""
 
 
 def _sources() -> list[SourceConfig]:
@@ -103,8 +110,8 @@ def create_app() -> FastAPI:
             raise _database_unavailable(name, exc) from exc
         return JSONResponse(body, headers=NO_STORE)
 
-    @app.get("/api/search")
-    def search(user: User, q: Annotated[str, Query(min_length=1, max_length=queries.MAX_SEARCH_TERM)]) -> Response:
+    @app.post("/api/search")
+    def search(user: User, request: SearchRequest) -> Response:
         by_conn: dict[str, list[str]] = {}
         for cfg in _readable(user):
             by_conn.setdefault(cfg.connections.db_conn_id, []).append(cfg.name)
@@ -112,12 +119,13 @@ def create_app() -> FastAPI:
         for conn_id, names in by_conn.items():
             try:
                 with connect_readonly(conn_id) as conn:
-                    results += queries.search(conn, names, q)
+                    results += queries.search(conn, names, request.q)
             except psycopg.errors.UndefinedTable:
-                results.append({"source_key": q, "sources": names, "states": ["never seen"]})
+                results.append({"sources": names, "states": [queries.NEVER_SEEN]})
             except (psycopg.Error, ConnectionMissingError) as exc:
                 raise _database_unavailable(",".join(names), exc) from exc
-        found = [r for r in results if r["states"] != ["never seen"]]
-        return JSONResponse({"query": q, "results": found or results[:1]}, headers=NO_STORE)
+        # The term is not echoed: it may be a patient's MRN, which the answer shows only masked.
+        found = [r for r in results if queries.found(r)]
+        return JSONResponse({"results": found or results[:1]}, headers=NO_STORE)
 
     return app

@@ -37,12 +37,18 @@ async def current_user(request: Request) -> Any:
 
 
 def can_read_dag(user: Any, dag_id: str) -> bool:
-    """Whether the auth manager lets ``user`` read the DAG and its runs."""
+    """Whether the auth manager lets ``user`` read the DAG and its runs.
+
+    The DAG is described as Airflow's own API describes it (``requires_access_dag``): with its
+    team, the team of its bundle. An auth manager may decide by team (SimpleAuthManager in
+    multi-team mode does, and lets anyone read a DAG whose team it is not told).
+    """
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
 
     manager = get_auth_manager()
-    details = DagDetails(id=dag_id)
+    details = DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id))
     return manager.is_authorized_dag(method="GET", details=details, user=user) and manager.is_authorized_dag(
         method="GET", access_entity=DagAccessEntity.RUN, details=details, user=user
     )

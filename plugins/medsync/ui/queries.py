@@ -5,7 +5,10 @@ count (``medsync.live_count``): nothing scans ``imaging.*``, whose tables are A'
 (``tests/test_ui_queries.py`` proves it with EXPLAIN). Nothing returns record contents:
 runs and their figures, watermarks, quarantine reasons and source keys, pending keys and
 their parents' keys, and for a search A's ids, keys and versions. Payloads, names, MRNs and
-birth dates stay in the database.
+birth dates stay in the database. A source key that identifies a patient (a PACS's subject
+keys are PatientIDs, i.e. MRNs: ``Source.keys_identify_patients``) is returned masked
+(``medsync.ui.masked_keys``), wherever it appears: a quarantine's keys, a pending child's
+parent, a search's answer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from psycopg import sql
 from medsync.config import LEVELS, get_source_config
 from medsync.levels import spec
 from medsync.sources import open_source
+from medsync.sources.base import Source
+from medsync.ui.masked_keys import mask_patient_key
 
 RUN_FIGURES = ("pulled", "inserted", "updated", "unchanged", "deleted", "quarantined", "pending", "difference")
 """Per level and run, as the run's report names them (``medsync.report``)."""
@@ -33,6 +38,25 @@ PENDING_AGES: tuple[tuple[str, timedelta | None], ...] = (
 MAX_SEARCH_TERM = 200
 QUARANTINE_GROUPS = 100
 SAMPLE_KEYS = 5
+NEVER_SEEN = "never seen"
+"""A search's answer for a source key that no source the user may read ever sent."""
+NOT_FOUND = "not found"
+"""A search's answer for a UUID that is no A row of the sources the user may read (whether or not A has
+it), nor any of their keys."""
+
+
+def _source(name: str) -> Source:
+    return open_source(get_source_config(name))
+
+
+def _shown_key(source: Source, level: str, key: str) -> str:
+    """``key`` as the page may show it: masked when ``level``'s keys identify patients."""
+    return mask_patient_key(source.cfg.name, level, key) if source.keys_identify_patients(level) else key
+
+
+def found(result: dict[str, Any]) -> bool:
+    """Whether a search's answer is a record (not a miss)."""
+    return result["states"] not in ([NEVER_SEEN], [NOT_FOUND])
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -150,9 +174,10 @@ def quarantine_groups(conn: psycopg.Connection, source: str) -> list[dict[str, A
         {"src": source, "sample": SAMPLE_KEYS, "groups": QUARANTINE_GROUPS},
     ).fetchall()
     order = {lv: i for i, lv in enumerate(LEVELS)}
+    src = _source(source)
     groups = [
         {"level": lv, "reason": reason, "count": n, "oldest": _iso(oldest), "newest": _iso(newest),
-         "last_seen": _iso(seen), "sample_keys": list(keys)}
+         "last_seen": _iso(seen), "sample_keys": [_shown_key(src, lv, k) for k in keys]}
         for lv, reason, n, oldest, newest, seen, keys in rows
     ]  # fmt: skip
     return sorted(groups, key=lambda g: (order.get(g["level"], 99), -g["count"], g["reason"]))
@@ -165,6 +190,7 @@ def _pending_table(level: str) -> sql.Identifier:
 def pending_summary(conn: psycopg.Connection, source: str, now: datetime) -> dict[str, dict[str, Any]]:
     """Per child level: how many wait for their parent, since when (age buckets), the longest waiting."""
     out: dict[str, dict[str, Any]] = {}
+    src = _source(source)
     bounds = [now - age for _, age in PENDING_AGES if age is not None]
     buckets = sql.SQL(", ").join([sql.SQL("count(*) FILTER (WHERE pending_since >= %s)")] * len(bounds))
     for level in LEVELS:
@@ -193,12 +219,17 @@ def pending_summary(conn: psycopg.Connection, source: str, now: datetime) -> dic
         out[level] = {
             "count": total,
             "parent_level": parent,
-            "parent_key_is": _parent_lookup(source, level),
+            "parent_key_is": src.parent_link(level).column,
             "oldest": _iso(oldest),
             "newest": _iso(newest),
             "ages": ages,
             "longest_waiting": [
-                {"source_key": k, "parent_key": p, "pending_since": _iso(since)} for k, p, since in longest
+                {
+                    "source_key": _shown_key(src, level, k),
+                    "parent_key": _shown_key(src, parent, p),
+                    "pending_since": _iso(since),
+                }
+                for k, p, since in longest
             ],
         }
     return out
@@ -250,7 +281,15 @@ def _stored_by_key(conn: psycopg.Connection, source: str, level: str, key: str) 
 
 
 def record_state(conn: psycopg.Connection, source: str, level: str, key: str) -> dict[str, Any]:
-    """Where one record of ``source`` stands: stored (A's id, versions), quarantined, pending, tombstoned."""
+    """Where one record of ``source`` stands: stored (A's id, versions), quarantined, pending, tombstoned.
+
+    The answer shows keys that identify patients masked, ``key`` itself included.
+    """
+    return _record_state(conn, _source(source), level, key)
+
+
+def _record_state(conn: psycopg.Connection, src: Source, level: str, key: str) -> dict[str, Any]:
+    source = src.cfg.name
     stored = _stored_by_key(conn, source, level, key)
     q = conn.execute(
         "SELECT reason, source_updated_at, attempts, created_at, updated_at, resolved_at FROM medsync.quarantine"
@@ -262,7 +301,7 @@ def record_state(conn: psycopg.Connection, source: str, level: str, key: str) ->
         reason, version, attempts, created, updated, resolved = q
         quarantine = {"reason": reason, "source_updated_at": _iso(version), "attempts": attempts,
                       "since": _iso(created), "last_seen": _iso(updated), "resolved_at": _iso(resolved)}  # fmt: skip
-    pending = None
+    pending: dict[str, Any] | None = None
     parent_level = spec(level).parent_level
     if parent_level is not None:
         p = conn.execute(
@@ -274,11 +313,13 @@ def record_state(conn: psycopg.Connection, source: str, level: str, key: str) ->
         ).fetchone()
         if p is not None:
             parent_key, version, since = p
-            pending = {"parent_level": parent_level, "parent_key_is": _parent_lookup(source, level),
-                       "parent_key": parent_key, "source_updated_at": _iso(version), "since": _iso(since)}  # fmt: skip
-            if _parent_lookup(source, level) == "source_key":
+            parent_column = src.parent_link(level).column
+            pending = {"parent_level": parent_level, "parent_key_is": parent_column,
+                       "parent_key": _shown_key(src, parent_level, parent_key), "source_updated_at": _iso(version),
+                       "since": _iso(since)}  # fmt: skip
+            if parent_column == "source_key":
                 # The parent's own standing says why it is not in A (quarantined, pending, or not seen yet).
-                pending["parent"] = {k: v for k, v in record_state(conn, source, parent_level, parent_key).items()
+                pending["parent"] = {k: v for k, v in _record_state(conn, src, parent_level, parent_key).items()
                                      if k in ("states", "quarantine", "stored")}  # fmt: skip
     t = conn.execute(
         "SELECT source_updated_at FROM medsync.tombstone WHERE source_system = %s AND level = %s AND source_key = %s",
@@ -292,11 +333,11 @@ def record_state(conn: psycopg.Connection, source: str, level: str, key: str) ->
     if pending:
         states.append("pending")
     if not states:
-        states.append("tombstone only" if t else "never seen")
+        states.append("tombstone only" if t else NEVER_SEEN)
     return {
         "source": source,
         "level": level,
-        "source_key": key,
+        "source_key": _shown_key(src, level, key),
         "states": states,
         "stored": stored,
         "quarantine": quarantine,
@@ -322,9 +363,12 @@ def _by_a_id(conn: psycopg.Connection, a_id: uuid.UUID) -> tuple[str, str, str |
 def search(conn: psycopg.Connection, sources: list[str], term: str) -> list[dict[str, Any]]:
     """Where the record with this source key, or A's row with this id, stands, in each of ``sources``.
 
-    A key is looked up at every level of every source given; an id finds A's row at any
-    level, shown only when its source is one of ``sources``. A key no source ever sent
-    comes back as ``never seen`` per source, from the source's instance level down.
+    A key is looked up at every level of every source given; an id finds A's row at any level,
+    shown only when its source is one of ``sources``, and a UUID that finds none is looked up as
+    a key. A miss is ``never seen`` (a key none of them ever sent) or ``not found`` (a UUID that is neither),
+    whether A has no such row or it is another source's or A's own: a user learns nothing of
+    what they may not read, not even that it exists. A miss does not repeat the term, which
+    may be a patient's MRN.
     """
     term = term.strip()[:MAX_SEARCH_TERM]
     if not term:
@@ -334,18 +378,10 @@ def search(conn: psycopg.Connection, sources: list[str], term: str) -> list[dict
     except ValueError:
         a_id = None
     if a_id is not None:
-        found = _by_a_id(conn, a_id)
-        if found is None:
-            return [{"a_id": str(a_id), "states": ["not in A"]}]
-        level, source, key = found
-        if source not in sources or key is None:
-            return []  # A's own row, or another source's the user may not read
-        return [record_state(conn, source, level, key)]
-    results = [record_state(conn, source, level, term) for source in sources for level in LEVELS]
-    seen = [r for r in results if r["states"] != ["never seen"]]
-    return seen or [{"source_key": term, "sources": sources, "states": ["never seen"]}]
-
-
-def _parent_lookup(source: str, level: str) -> str:
-    """The column of the parent's table that ``level``'s ``parent_key`` names, as the source links them."""
-    return open_source(get_source_config(source)).parent_link(level).column
+        level, source, key = _by_a_id(conn, a_id) or (None, None, None)
+        if level is not None and source in sources and key is not None:
+            return [record_state(conn, source, level, key)]
+    # Not A's id of a record the user may read: a source key, maybe a UUID (C's keys are UUIDs).
+    results = [_record_state(conn, src, level, term) for src in map(_source, sources) for level in LEVELS]
+    hits = [r for r in results if found(r)]
+    return hits or [{"sources": sources, "states": [NOT_FOUND if a_id is not None else NEVER_SEEN]}]

@@ -34,6 +34,10 @@ class DicomwebSource(Source):
         # series, by UID, and those UIDs are the parents' own source keys.
         return ParentLink()
 
+    def keys_identify_patients(self, level: str) -> bool:
+        # A subject's key is the PatientID (with its issuer): the hospital's MRN (docs/dicomweb-mapping.md).
+        return level == "subject"
+
     def deletion_mode(self, level: str) -> DeletionMode:
         # No PACS says what it deleted (Orthanc's /changes lists no deletions): compare listings.
         return DeletionMode.SNAPSHOT

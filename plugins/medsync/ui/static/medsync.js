@@ -49,8 +49,11 @@ function runLink(dagId, dagRunId, text) {
   return el("a", { href, target: "_top", class: "run-link" }, text);
 }
 
-async function getJson(path) {
-  const resp = await fetch(BASE + path, { credentials: "same-origin", headers: { Accept: "application/json" } });
+async function getJson(path, payload) {
+  // A payload is POSTed as JSON: a search term (maybe an MRN) must be in no URL, since URLs are logged.
+  const init = payload === undefined ? {} : { method: "POST", body: JSON.stringify(payload) };
+  const resp = await fetch(BASE + path, { credentials: "same-origin", ...init,
+                                          headers: { Accept: "application/json", "Content-Type": "application/json" } });
   if (resp.status === 401) { location.reload(); throw new Error("not logged in"); }
   const body = await resp.json().catch(() => ({}));
   if (!resp.ok) throw new Error(body.detail || `HTTP ${resp.status}`);
@@ -245,14 +248,15 @@ async function search(term) {
   section.hidden = false;
   body.replaceChildren(el("p", { class: "note" }, "Searching…"));
   try {
-    const data = await getJson(`api/search?q=${encodeURIComponent(term)}`);
+    const data = await getJson("api/search", { q: term });
     if (!data.results.length) {
       body.replaceChildren(el("p", { class: "note" }, "Not found among the sources you may read."));
       return;
     }
+    // A miss names the sources searched, not the term: it may be an MRN, which the page never shows.
     body.replaceChildren(...data.results.map((r) => el("div", { class: "found" },
       el("strong", { class: "search-state" }, r.states.join(", ")), " ",
-      r.source ? `${r.source} ${r.level} ${r.source_key}` : (r.source_key || r.a_id || term),
+      r.source ? `${r.source} ${r.level} ${r.source_key}` : `in source ${r.sources.join(", ")}`,
       describe(r))));
   } catch (err) {
     body.replaceChildren(el("p", { class: "bad" }, err.message));

@@ -81,6 +81,24 @@ def test_a_first_load_merged_while_pulling_is_exactly_b_with_the_figures_of_a_me
     assert figures[True] == figures[False]
 
 
+def test_chunks_wait_for_their_parents_merge(world: World) -> None:
+    run_id = world.prepare(FIRST_LOAD)
+    run = {"source": "b", "run_id": run_id}
+    for level in ("subject", "study", "sequence", "instance"):
+        world.workers.run_one("medsync.tasks:pull", level=level, **run)
+    pulled = world.query("SELECT pull_counts FROM medsync.sync_run_level WHERE run_id = %s AND level = 'instance'",
+                         run_id)[0][0]["slice_0"]["merged_while_pulling"]  # fmt: skip
+    # The series were not merged yet: no chunk was merged (its images would only have waited as
+    # pending), every one was left to the merge task.
+    assert pulled["chunks"] == 0 and pulled["left"] > 10 and early_chunks(world, run_id) == 0
+    assert world.count("SELECT count(*) FROM medsync.pending_instance") == 0
+    for level in ("subject", "study", "sequence"):
+        world.workers.run_one("medsync.tasks:merge", level=level, **run)
+    merged = finish_run(world, run_id)
+    world.assert_a_is_b()
+    assert merged["early_chunks"] == 0 and merged["pending"] == 0
+
+
 def test_only_a_first_load_is_merged_while_pulling(world: World) -> None:
     world.sync(FIRST_LOAD)
     world.sim.set_now(BASE + timedelta(hours=2))

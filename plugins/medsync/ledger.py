@@ -123,7 +123,9 @@ def record_merge(conn: psycopg.Connection, run_id: int, level: str, counts: dict
 def level_merged(conn: psycopg.Connection, run_id: int, level: str) -> bool:
     """Whether the run's merge of ``level`` is done (a level the run does not sync counts as done)."""
     row = conn.execute(
-        "SELECT merge_counts IS NOT NULL FROM medsync.sync_run_level WHERE run_id = %s AND level = %s", (run_id, level)
+        # merge_counts is '{}' until the merge records its counts.
+        "SELECT merge_counts <> '{}' FROM medsync.sync_run_level WHERE run_id = %s AND level = %s",
+        (run_id, level),
     ).fetchone()
     return row is None or bool(row[0])
 

@@ -98,6 +98,22 @@ def ensure_staging_table(conn: psycopg.Connection, source: str, level: str, run_
     return table
 
 
+def index_chunks(conn: psycopg.Connection, source: str, level: str, run_id: int) -> None:
+    """Indexes the level's staging table by (slice, chunk), so that a chunk is read without a scan.
+
+    For merging while pulling (``medsync.early_merge``): each chunk merged while the table grows
+    would otherwise scan the whole table, a cost that grows with the square of the load. Call it
+    before the table's rows are staged (an index kept as rows arrive costs far less than one
+    built afterwards, and chunks' keys only grow, so the index only ever appends).
+    """
+    table = ensure_staging_table(conn, source, level, run_id)
+    conn.execute(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (slice, chunk)").format(
+            sql.Identifier(f"{staging_table_name(source, level, run_id)}_chunk"), table
+        )
+    )
+
+
 def _column_types(conn: psycopg.Connection, table: sql.Identifier, columns: Iterable[str]) -> list[int]:
     """Type OIDs of a staging table's ``columns``, in that order."""
     found: dict[str, int] = dict(

@@ -163,6 +163,8 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
             batch_size=cfg.merge_batch_size, lock_timeout_seconds=cfg.lock_timeout_seconds,
             parent_lookup=src.parent_link(level).column,
         ) if merging else None  # fmt: skip
+        if merging:
+            staging.index_chunks(conn, source, level, run_id)
         # A source without tombstones: when its snapshot is due, the first slice lists the level whole.
         snapshot_now = (
             src.deletion_mode(level) is DeletionMode.SNAPSHOT

@@ -43,8 +43,8 @@ TABLES = ("subject", "study", "sequence", "instance")
 class Stack:
     def __init__(self, tmp: Path, orthanc: Orthanc, dsn: str, dbname: str, endpoint: str) -> None:
         self.orthanc, self.dsn, self.endpoint = orthanc, dsn, endpoint
-        # Every minute: a manual run at X gets the interval of the minute before X's, so a run dated a
-        # minute ahead syncs up to now (a manual run's interval is the last one before its date).
+        # Every minute, and each run dated two minutes ahead (see run): its interval lies after the
+        # run's start, so its window is exactly [watermark, run's start): what the last run did not read.
         every_minute = {"cron": "* * * * *", "timezone": "UTC", "start_date": "2026-01-01"}
         self.include = include_copy(
             tmp / "include", source="pacs", retries=0, lookback_minutes=0, page_size=53, schedule=every_minute
@@ -87,8 +87,18 @@ class Stack:
         return cat
 
     def run(self, **conf: Any) -> str:
+        """One run of the DAG, as an incremental run from the last one (or ``full_refresh=True``).
+
+        ``airflow dags test`` always gives a run a logical date, and a manual run syncs its interval
+        (the minute before its date), from the watermark if that is earlier, never past the run's
+        start. Dated two minutes ahead, the interval starts after the watermark, so the window is
+        [watermark, start): from where the last run stopped reading until now, whatever minute the
+        runs fall in. (Dated one minute ahead, the interval was the current minute: a run in the same
+        minute as an earlier one re-read the whole minute, and on a fast machine that minute held
+        the first load's change events.)
+        """
         self.runs += 1
-        ahead = (datetime.now(UTC) + timedelta(minutes=1)).replace(second=self.runs % 60, microsecond=0)
+        ahead = (datetime.now(UTC) + timedelta(minutes=2)).replace(second=self.runs % 60, microsecond=0)
         result = dags_test(self.env, "medsync_pacs", logical_date=ahead.isoformat(), conf=conf or None)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-6000:]
@@ -187,10 +197,13 @@ def test_2_a_rerun_writes_nothing(stack: Stack) -> None:
 def test_3_new_instances_come_through_the_change_feed(stack: Stack) -> None:
     new = stack.load(seed=21, patients=2)
     stack.run()
-    windows = stack.query("SELECT level, since, until, pull_counts FROM medsync.sync_run_level ORDER BY run_id DESC")
-    assert set(new.instances) <= stack.live("instance"), windows[:4]
+    windows = stack.query(
+        "SELECT run_id, level, since, until, pull_counts FROM medsync.sync_run_level ORDER BY run_id DESC, level"
+    )
+    assert set(new.instances) <= stack.live("instance"), windows[:8]
     report = stack.last_report()
-    assert report["levels"]["instance"]["pulled"] < len(stack.catalogue.instances)
+    # Read from the change feed: only the new series' instances, not a listing of everything.
+    assert report["levels"]["instance"]["pulled"] == len(new.instances), windows[:8]
     assert report["mirror"]["copied"] == len(new.instances)
 
 

@@ -120,7 +120,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Itera
 
 
 def test_files_are_mirrored_and_served_through_a_presigned_url_with_as_identity(stack: Stack) -> None:
-    run_id = stack.sync(full_refresh=True)
+    run_id = stack.sync(full_refresh=True, mirror=False)
+    stack.query("DELETE FROM medsync.request_limit RETURNING 1")
+    tasks.mirror_files("pacs", run_id)
+    # The copies claimed their requests from the source's run-wide limit, as the pulls do.
+    assert stack.query("SELECT source_system FROM medsync.request_limit") == [("pacs",)]
     figures = stack.query("SELECT report->'mirror' FROM medsync.sync_run WHERE id = %s", run_id)[0][0]
     rows = stack.query(
         "SELECT i.id, st.study_uid, se.series_uid, i.sop_instance_uid, i.storage_bucket, i.storage_key"

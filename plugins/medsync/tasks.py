@@ -321,7 +321,8 @@ def mirror_files(source: str, run_id: int) -> dict[str, Any]:
     if settings is None:
         return {"mirrored": 0, "skipped": True}
     hook = InstanceFileHook(source, storage=cfg.storage)
-    with src.connect() as client, connect_a(cfg) as conn:
+    # The copies are requests to the source like the pulls': the same run-wide limit paces them.
+    with request_limiter(cfg) as limiter, src.connect(limiter) as client, connect_a(cfg) as conn:
         run = ledger.get_run(conn, run_id)
         if run.options.get("dry_run"):
             return {"mirrored": 0, "skipped": True}  # a dry run changed no instance

@@ -64,18 +64,29 @@ class DicomwebSource(Source):
         )
 
     def connect(self, limiter: RequestLimiter | None = None) -> SourceClient:
+        """The PACS's session, paced by ``limiter`` or else by a token bucket of ``rate_limit_per_second``.
+
+        The client's session on A's database (versions, change feed) has the config's
+        ``database`` bounds, as every task's own session does.
+        """
         from medsync.hooks.a_database import ADatabaseHook
         from medsync.sources.dicomweb.client import DicomwebClient
         from medsync.sources.dicomweb.hook import DicomwebHook
+        from medsync.sources.rate_limit import TokenBucket
 
         hook = DicomwebHook(
             self.cfg.connections.api_conn_id,
             max_attempts=self.cfg.max_attempts,
             max_backoff_seconds=self.cfg.max_backoff_seconds,
             timeout=self.cfg.request_timeout_seconds,
+            limiter=limiter if limiter is not None else TokenBucket(self.cfg.rate_limit_per_second),
         )
         session, base_url, timeout = hook.session()
-        db = ADatabaseHook(self.cfg.connections.db_conn_id).get_conn()
+        db = ADatabaseHook(
+            self.cfg.connections.db_conn_id,
+            connect_timeout_seconds=self.cfg.database.connect_timeout_seconds,
+            statement_timeout_seconds=self.cfg.database.statement_timeout_seconds,
+        ).get_conn()
         return DicomwebClient(
             source=self.cfg.name,
             api=self.api,

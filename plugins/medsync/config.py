@@ -130,6 +130,8 @@ class TaskTimeoutsConfig(_Strict):
     """A whole level's window: a full refresh of millions of records at the source's rate limit."""
     merge_minutes: float = Field(default=240, gt=0)
     check_files_minutes: float = Field(default=30, gt=0)
+    mirror_files_minutes: float = Field(default=240, gt=0)
+    """Copying files into A's bucket (``files: mirror`` sources): a first load copies every file."""
     report_minutes: float = Field(default=60, gt=0)
     finish_minutes: float = Field(default=15, gt=0)
 

@@ -306,8 +306,9 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
 
 
 def mirror_files(source: str, run_id: int) -> dict[str, Any]:
-    """Copies the files of the instances this run inserted or changed into A's bucket (``files: mirror``).
+    """Copies into A's bucket the files of the source's live instances whose copy is missing or outdated.
 
+    Not only this run's changes: a file an earlier run failed to copy is retried (``medsync.mirror``).
     The figures go to the run's report (``mirror``); the task fails when more files than
     ``file_check.max_failures`` could not be copied.
     """
@@ -332,7 +333,6 @@ def mirror_files(source: str, run_id: int) -> dict[str, Any]:
             client=client,
             s3=hook.get_conn(),
             settings=settings,
-            changed_since=run.started_at,
             check_location=hook.check_location,
             attempts=cfg.max_attempts,
         )

@@ -7,6 +7,7 @@ the reason, only when that is impossible on the machine (no apt-get, not root).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,13 @@ PACS_PATIENTS = 120
 class LoadedPacs:
     orthanc: Orthanc
     catalogue: Catalogue
+
+
+def pacs_connection(orthanc: Orthanc, base_url: str | None = None) -> str:
+    """``AIRFLOW_CONN_MEDSYNC_PACS_API`` for ``orthanc`` (reached at ``base_url``, e.g. a proxy in front of it)."""
+    return json.dumps(
+        {"conn_type": "http", "host": base_url or orthanc.base_url, "login": orthanc.user, "password": orthanc.password}
+    )
 
 
 def start_orthanc() -> Iterator[Orthanc]:

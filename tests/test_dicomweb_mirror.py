@@ -18,6 +18,7 @@ import requests
 from botocore.config import Config
 from conftest import create_database, drop_database
 from faulty_proxy import faulty_proxy
+from pacs_fixtures import pacs_connection
 
 from devstack.airflow_env import include_copy
 from devstack.dicom_gen import Catalogue, dataset_bytes, generate, make_instance
@@ -43,8 +44,7 @@ def s3_client(endpoint: str) -> Any:
 
 def point_pacs_at(monkeypatch: pytest.MonkeyPatch, orthanc: Orthanc, base_url: str) -> None:
     """The PACS connection through another base URL (the faulty proxy), for one test."""
-    api = {"conn_type": "http", "host": base_url, "login": orthanc.user, "password": orthanc.password}
-    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_PACS_API", json.dumps(api))
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_PACS_API", pacs_connection(orthanc, base_url))
 
 
 class Stack:

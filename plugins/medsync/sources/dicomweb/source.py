@@ -6,6 +6,7 @@ DAG files are parsed.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 from medsync.mapping import Mapping
@@ -95,4 +96,7 @@ class DicomwebSource(Source):
             db=db,
             page_size=self.cfg.page_size,
             timeout=timeout,
+            # Scheduled and manual windows start no earlier than the oldest watermark minus the
+            # lookback; a day more for a manual run's interval. Older marks are thinned (feed.py).
+            keep_marks_before_watermark=timedelta(minutes=self.cfg.lookback_minutes) + timedelta(days=1),
         )

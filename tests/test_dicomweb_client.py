@@ -59,6 +59,8 @@ class Pacs(BaseHTTPRequestHandler):
     """When each request arrived (monotonic seconds), retries included."""
     busy: list[int] = []
     """Answer this many of the next requests with 503 (a retry is expected)."""
+    cap: list[int] = []
+    """The largest page served, whatever ``limit`` asks (a server capping its pages silently)."""
 
     def log_message(self, *args: Any) -> None:
         pass  # quiet
@@ -80,6 +82,7 @@ class Pacs(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         if url.path == "/rs/studies":
             limit, offset = int(query["limit"][0]), int(query["offset"][0])
+            limit = min([limit, *Pacs.cap])
             body = json.dumps(STUDIES[offset : offset + limit]).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/dicom+json")
@@ -111,6 +114,7 @@ def client(a_db: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterato
     Pacs.seen_auth.clear()
     Pacs.arrivals.clear()
     Pacs.busy[:] = [0]
+    Pacs.cap.clear()
     from devstack.airflow_env import include_copy
 
     include = include_copy(
@@ -192,6 +196,23 @@ def test_a_run_wide_limiter_paces_every_request_and_retry(client: DicomwebClient
 def test_the_clients_database_session_has_the_configs_bounds(client: DicomwebClient) -> None:
     assert client.db.execute("SHOW statement_timeout").fetchone() == ("4321s",)
     assert client.db.info.get_parameters().get("connect_timeout") == "4"
+
+
+def test_a_server_capping_its_pages_fails_a_full_listing_instead_of_truncating_it(client: DicomwebClient) -> None:
+    Pacs.cap[:] = [1]  # page_size is 2: every page is short, and there is more after each
+    with pytest.raises(SourceApiError, match=r"answered 1 items for limit=2 and has more .* at most 1"):
+        list(client.iter_listing("study"))
+    Pacs.cap.clear()
+    Pacs.arrivals.clear()
+    assert sum(len(p.items) for p in client.iter_listing("subject")) == 2
+    # Six studies in pages of two end with an empty page; a short last page costs one more request.
+    STUDIES.append(study("3.1", "Third^Patient", None, pid="P3"))
+    try:
+        Pacs.arrivals.clear()
+        assert sum(len(p.items) for p in client.iter_listing("study")) == 7
+        assert len(Pacs.arrivals) == 5
+    finally:
+        STUDIES.pop()
 
 
 def test_wado_rs_file_is_streamed_out_of_its_multipart_answer(client: DicomwebClient) -> None:

@@ -28,6 +28,7 @@ from devstack.dicom_gen import Catalogue, generate
 from devstack.orthanc import Orthanc, ensure_installed, orthanc_server
 from medsync import tasks
 from medsync.config import LEVELS
+from medsync.errors import SnapshotGuardError
 from medsync.schema import migrate
 from medsync.windows import RunFacts
 
@@ -107,9 +108,12 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Iterat
     dbname = f"medsync_pacs_{uuid.uuid4().hex[:8]}"
     dsn = create_database(dbname, template=a_template_db)
     tmp = tmp_path_factory.mktemp("pacs")
+    # The snapshot guard's floor lowered: this PACS is small (about 30 patients).
+    snapshot = {"on_full_refresh": True, "every_hours": 24, "max_delete_floor": 5}
     include = include_copy(
-        tmp / "include", source="pacs", retries=0, page_size=97, merge_batch_size=500, lookback_minutes=0
-    )
+        tmp / "include", source="pacs", retries=0, page_size=97, merge_batch_size=500, lookback_minutes=0,
+        snapshot=snapshot,
+    )  # fmt: skip
     with orthanc_server() as orthanc, pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDSYNC_INCLUDE_DIR", str(include))
         mp.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{dbname}")
@@ -272,3 +276,14 @@ def test_6_old_marks_are_thinned_and_a_past_window_still_starts_before_it(
     reads = feed_reads(proxy)
     assert reads and reads[0]["since"] == str(before_since)
     assert len(reads) == 1  # its first page is dated long after the window: nothing more to read
+
+
+def test_7_an_outage_answering_empty_pages_deletes_nothing(pacs: Pacs, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {level: pacs.live(level) for level in LEVELS}
+    pacs.query("UPDATE medsync.snapshot_run SET taken_at = taken_at - interval '25 hours' RETURNING 1")  # due
+    with faulty_proxy(pacs.orthanc.base_url) as proxy, monkeypatch.context() as mp:
+        mp.setenv("AIRFLOW_CONN_MEDSYNC_PACS_API", pacs_connection(pacs.orthanc, proxy.url))
+        proxy.fail("/dicom-web/", status=204)  # every QIDO-RS search answers "no content"
+        with pytest.raises(SnapshotGuardError, match=r"pacs subject: the snapshot would delete \d+ of A's \d+ live"):
+            pacs.run()
+    assert {level: pacs.live(level) for level in LEVELS} == before

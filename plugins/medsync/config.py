@@ -120,6 +120,11 @@ class SnapshotConfig(_Strict):
     every_hours: float | None = Field(default=24.0, gt=0)
     """Otherwise, a run compares when the level's last snapshot of a succeeded run is older than this
     (None: only full refreshes)."""
+    max_delete_share: float = Field(default=0.5, gt=0, le=1)
+    """A snapshot that would delete more than this share of a level's live rows fails the pull instead
+    (a truncated listing looks like a purge); 1 turns the guard off."""
+    max_delete_floor: int = Field(default=100, ge=0)
+    """A snapshot may always delete up to this many rows of a level, whatever the share (small sources)."""
 
 
 class TaskTimeoutsConfig(_Strict):

@@ -175,7 +175,14 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
             ).as_dict()
         if snapshot_now:
             counts["snapshot"] = snapshot.stage_tombstones(
-                conn, source=source, level=level, run_id=run_id, slice_index=slice_index, listed=counts["records"]
+                conn,
+                source=source,
+                level=level,
+                run_id=run_id,
+                slice_index=slice_index,
+                listed=counts["records"],
+                max_delete_share=cfg.snapshot.max_delete_share,
+                max_delete_floor=cfg.snapshot.max_delete_floor,
             )
         ledger.record_pull(conn, run_id, level, slice_index, counts)
     return {"level": level, "slice": slice_index, "staged": counts["staged"], "quarantined": counts["quarantined"]}

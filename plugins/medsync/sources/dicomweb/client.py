@@ -136,24 +136,41 @@ class DicomwebClient(SourceClient):
         except ValueError:
             raise SourceApiError(f"{self.source}: {what}: the answer is not JSON") from None
 
-    def _qido(self, path: str, level: str, filters: dict[str, str] | None = None) -> Iterator[list[dict[str, Any]]]:
-        """Pages of a QIDO-RS search (``limit``/``offset``), asking for every attribute the level reads."""
+    def _qido(
+        self, path: str, level: str, filters: dict[str, str] | None = None, *, whole: bool = False
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Pages of a QIDO-RS search (``limit``/``offset``), asking for every attribute the level reads.
+
+        A page shorter than ``limit`` is the last one. With ``whole`` (a full listing, which a
+        snapshot compares with A: a truncated one would delete what it misses) that is checked with
+        one more request: a server that silently caps its pages below ``limit`` has more after a
+        short page, and the listing fails with what to set instead of coming back truncated.
+        """
         tags = sorted({*READ[level], *READ["instance"]} if level == "instance" else READ[level])
-        offset = 0
+        what = f"QIDO {path.rsplit('/', 1)[-1]}"
+        offset, short = 0, 0
         while True:
             # One includefield per attribute: Orthanc's plugin ignores the comma-separated form.
             params: dict[str, Any] = {"limit": self.page_size, "offset": offset, "includefield": tags}
             params.update(filters or {})
-            page = self._get(f"{self.qido_url}{path}", f"QIDO {path.rsplit('/', 1)[-1]}", params)
+            page = self._get(f"{self.qido_url}{path}", what, params)
             if page is None:
-                return
+                page = []
             if not isinstance(page, list):
                 raise SourceApiError(f"{self.source}: QIDO {path}: the answer is not a list")
+            if short and page:
+                raise SourceApiError(
+                    f"{self.source}: {what}: the PACS answered {short} items for limit={self.page_size} and has more "
+                    f"after them: it caps its pages below page_size. Set api.max_page_size and page_size to at "
+                    f"most {short} in the source's config"
+                )
             if not page:
                 return
             yield page
             if len(page) < self.page_size:
-                return
+                if not whole:
+                    return
+                short = len(page)
             offset += len(page)
 
     # -- versions ---------------------------------------------------------------------------
@@ -187,9 +204,9 @@ class DicomwebClient(SourceClient):
             # the feed starts there (without the mark it would read Orthanc's whole history).
             self.feed.mark_last()
         if level == "subject":
-            yield from self._subjects(self._qido("/studies", "study"))
+            yield from self._subjects(self._qido("/studies", "study", whole=True))
             return
-        for page in self._qido(f"/{QIDO_RESOURCE[level]}", level):
+        for page in self._qido(f"/{QIDO_RESOURCE[level]}", level, whole=True):
             yield self._versioned(level, page)
 
     def iter_pages(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:

@@ -18,11 +18,11 @@ import requests
 from botocore.config import Config
 from conftest import create_database, drop_database
 from faulty_proxy import faulty_proxy
-from pacs_fixtures import pacs_connection
+from pacs_fixtures import pacs_connection, require_orthanc
 
 from devstack.airflow_env import include_copy
 from devstack.dicom_gen import Catalogue, dataset_bytes, generate, make_instance
-from devstack.orthanc import Orthanc, ensure_installed, orthanc_server
+from devstack.orthanc import Orthanc, orthanc_server
 from devstack.s3 import s3_server
 from medsync import tasks
 from medsync.config import LEVELS
@@ -79,9 +79,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Iterator[Stack]:
-    reason = ensure_installed()
-    if reason:
-        pytest.skip(reason)
+    require_orthanc()
     dbname = f"medsync_mirror_{uuid.uuid4().hex[:8]}"
     dsn = create_database(dbname, template=a_template_db)
     tmp = tmp_path_factory.mktemp("mirror")

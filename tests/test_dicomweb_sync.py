@@ -21,11 +21,11 @@ import pytest
 import yaml
 from conftest import create_database, drop_database
 from faulty_proxy import FaultyProxy, faulty_proxy
-from pacs_fixtures import PACS_PATIENTS, PACS_SEED, pacs_connection
+from pacs_fixtures import PACS_PATIENTS, PACS_SEED, pacs_connection, require_orthanc
 
 from devstack.airflow_env import include_copy
 from devstack.dicom_gen import Catalogue, generate
-from devstack.orthanc import Orthanc, ensure_installed, orthanc_server
+from devstack.orthanc import Orthanc, orthanc_server
 from medsync import tasks
 from medsync.config import LEVELS
 from medsync.errors import SnapshotGuardError
@@ -102,9 +102,7 @@ class Pacs:
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Iterator[Pacs]:
-    reason = ensure_installed()
-    if reason:
-        pytest.skip(reason)
+    require_orthanc()
     dbname = f"medsync_pacs_{uuid.uuid4().hex[:8]}"
     dsn = create_database(dbname, template=a_template_db)
     tmp = tmp_path_factory.mktemp("pacs")

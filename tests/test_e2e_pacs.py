@@ -26,10 +26,11 @@ import requests
 import yaml
 from botocore.config import Config
 from conftest import create_database, drop_database
+from pacs_fixtures import require_orthanc
 
 from devstack.airflow_env import Wiring, airflow_env, dags_test, include_copy, migrate_metadata
 from devstack.dicom_gen import Catalogue, generate
-from devstack.orthanc import Orthanc, ensure_installed, orthanc_server
+from devstack.orthanc import Orthanc, orthanc_server
 from devstack.s3 import s3_server
 from medsync.hooks.storage import presign_instance
 from medsync.sources.dicomweb.client import multipart_first_part
@@ -126,9 +127,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Iterator[Stack]:
-    reason = ensure_installed()
-    if reason:
-        pytest.skip(reason)
+    require_orthanc()
     dbname = f"medsync_e2e_pacs_{uuid.uuid4().hex[:8]}"
     dsn = create_database(dbname, template=a_template_db)
     tmp = tmp_path_factory.mktemp("e2e_pacs")

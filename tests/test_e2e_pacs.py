@@ -4,7 +4,7 @@ A's tables in a real PostgreSQL, A's bucket in moto's S3 server. The scenarios s
 and run in order, like successive runs in production: first load (files mirrored, fetched
 through a presigned URL), a re-run that writes nothing, new instances through the change feed,
 deletions found by the snapshot and cascaded, a re-added study restored, an unknown modality
-quarantined and then fixed by the mapping file; B's rows never touched.
+quarantined and then fixed by the mapping file; B's and C's rows never touched.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class Stack:
         migrate_metadata(self.env)
         self.catalogue = Catalogue()
         self.files: dict[str, list[bytes]] = {}
+        self.others: dict[str, tuple[str, Any]] = {}
+        """Rows of B and C as seeded, before any run of the PACS."""
 
     def load(self, **args: Any) -> Catalogue:
         cat = Catalogue()
@@ -121,8 +123,57 @@ class Stack:
         rows = [r for t in TABLES for r in self.query(f"SELECT '{t}' || id, xmin::text FROM imaging.{t}")]
         return dict(rows)  # type: ignore[arg-type]
 
+    def other_rows(self) -> dict[str, tuple[str, Any]]:
+        """Every row of another source than the PACS: id -> (xmin, deleted_at)."""
+        rows = [r for t in TABLES for r in self.query(
+            f"SELECT '{t}:' || id, xmin::text, deleted_at FROM imaging.{t} WHERE source_system <> 'pacs'")]  # fmt: skip
+        return {key: (xmin, deleted) for key, xmin, deleted in rows}
+
     def last_report(self) -> dict[str, Any]:
         return self.query("SELECT report FROM medsync.sync_run ORDER BY id DESC LIMIT 1")[0][0]
+
+
+def _other_key(source: str, pacs_key: str, kind: str, n: int) -> str:
+    return pacs_key if source == "b" else f"{kind}_{n:012d}"
+
+
+def seed_other_sources(conn: psycopg.Connection, cat: Catalogue) -> None:
+    """Rows of B and C at every level, a few live and one deleted per level, named like the PACS's records.
+
+    B's keys and UIDs are the PACS's own (the same patient, study, series and images in two
+    sources: A keeps them apart by source_system); C's keys are C's, its UIDs the PACS's too. The
+    PACS's runs (merges, cascades, snapshot compares, restores, mirror) must never touch them.
+    """
+    patients = sorted(cat.patients)[:3]
+    studies = sorted(cat.studies)[:3]
+    series = [next(s for s, st in sorted(cat.series.items()) if st == study) for study in studies]
+    images = [[i for i, s in sorted(cat.instances.items()) if s == one][:2] for one in series]
+    for source in ("b", "c"):
+        for n, (patient, study, one, sops) in enumerate(zip(patients, studies, series, images, strict=True)):
+            deleted = datetime(2026, 1, 2, tzinfo=UTC) if n == 2 else None  # the last of each level: deleted
+            subject_id, study_id, sequence_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+            conn.execute(
+                "INSERT INTO imaging.subject (id, source_system, source_key, patient_code, deleted_at)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (subject_id, source, _other_key(source, patient, "pat", n), patient, deleted),
+            )
+            conn.execute(
+                "INSERT INTO imaging.study (id, subject_id, source_system, source_key, study_uid, status, deleted_at)"
+                " VALUES (%s, %s, %s, %s, %s, 'COMPLETED', %s)",
+                (study_id, subject_id, source, _other_key(source, study, "stu", n), study, deleted),
+            )
+            conn.execute(
+                "INSERT INTO imaging.sequence (id, study_id, source_system, source_key, series_uid, modality,"
+                " deleted_at) VALUES (%s, %s, %s, %s, %s, 'CT', %s)",
+                (sequence_id, study_id, source, _other_key(source, one, "acq", n), one, deleted),
+            )
+            for m, sop in enumerate(sops):
+                conn.execute(
+                    "INSERT INTO imaging.instance (id, sequence_id, source_system, source_key, sop_instance_uid,"
+                    " storage_bucket, storage_key, deleted_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (uuid.uuid4(), sequence_id, source, _other_key(source, sop, f"fil{m}", n), sop, f"{source}-bucket",
+                     f"{source}/{sop}.dcm", deleted),
+                )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +186,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Itera
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                           region_name="us-east-1", config=Config(signature_version="s3v4"))  # fmt: skip
         s3.create_bucket(Bucket=BUCKET)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO imaging.subject (id, source_system, source_key, patient_code)"
-                " VALUES (gen_random_uuid(), 'b', 'b-1', 'P0700001')"
-            )
         stack = Stack(tmp, orthanc, dsn, dbname, endpoint)
         stack.load(seed=7, patients=16)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            seed_other_sources(conn, stack.catalogue)
+        stack.others = stack.other_rows()
         yield stack
     drop_database(dbname)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -160,7 +209,6 @@ def _wado(orthanc: Orthanc, study: str, series: str, sop: str) -> bytes:
 
 
 def test_1_first_load_mirrors_the_files_and_a_presigned_url_serves_them(stack: Stack) -> None:
-    b_row = stack.query("SELECT xmin::text, updated_at FROM imaging.subject WHERE source_system = 'b'")
     output = stack.run(full_refresh=True)
     assert "sync report for pacs" in output
     cat = stack.catalogue
@@ -172,7 +220,8 @@ def test_1_first_load_mirrors_the_files_and_a_presigned_url_serves_them(stack: S
     assert report["files"]["checked"] > 0 and report["files"]["ok"] == report["files"]["checked"]
     instance_id, study, series, sop = stack.query(
         "SELECT i.id, st.study_uid, se.series_uid, i.sop_instance_uid FROM imaging.instance i"
-        " JOIN imaging.sequence se ON se.id = i.sequence_id JOIN imaging.study st ON st.id = se.study_id LIMIT 1"
+        " JOIN imaging.sequence se ON se.id = i.sequence_id JOIN imaging.study st ON st.id = se.study_id"
+        " WHERE i.source_system = 'pacs' LIMIT 1"
     )[0]
     env = {k: v for k, v in stack.env.items() if k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_", "MEDSYNC_"))}
     with pytest.MonkeyPatch.context() as mp:
@@ -182,7 +231,7 @@ def test_1_first_load_mirrors_the_files_and_a_presigned_url_serves_them(stack: S
             url = presign_instance(conn, instance_id)
     assert BUCKET in url
     assert requests.get(url, timeout=30).content == _wado(stack.orthanc, study, series, sop)
-    assert stack.query("SELECT xmin::text, updated_at FROM imaging.subject WHERE source_system = 'b'") == b_row
+    assert stack.other_rows() == stack.others
 
 
 def test_2_a_rerun_writes_nothing(stack: Stack) -> None:
@@ -215,7 +264,9 @@ def test_4_deletes_found_by_the_snapshot_cascade_and_re_added_ones_are_restored(
     stack.run()
     assert study not in stack.live("study")
     assert not series & stack.live("sequence") and not instances & stack.live("instance")
-    deleted = stack.query("SELECT count(*) FROM imaging.instance WHERE deleted_at IS NOT NULL")[0][0]
+    deleted = stack.query(
+        "SELECT count(*) FROM imaging.instance WHERE source_system = 'pacs' AND deleted_at IS NOT NULL"
+    )[0][0]
     assert deleted == len(instances)
     stack.orthanc.stow(stack.files[study])
     stack.orthanc.wait_until_stable()
@@ -237,4 +288,14 @@ def test_5_an_unknown_modality_is_quarantined_then_fixed_by_the_mapping(stack: S
     stack.run()
     assert odd <= stack.live("sequence")
     assert stack.live("instance") == set(stack.catalogue.instances)
-    assert stack.query("SELECT count(*) FROM imaging.subject WHERE source_system = 'b'") == [(1,)]
+
+
+def test_6_rows_of_b_and_c_are_untouched(stack: Stack) -> None:
+    # After a first load, a re-run, the change feed, snapshot deletes with cascades, a restore, a
+    # quarantine fixed by the mapping and the mirror: B's and C's rows (every level, some sharing
+    # the PACS's keys and UIDs, some deleted) have the xmin and deleted_at they were seeded with.
+    assert {key.split(":")[0] for key in stack.others} == set(TABLES) and len(stack.others) >= 2 * 3 * 4
+    assert any(deleted for _, deleted in stack.others.values())
+    assert stack.other_rows() == stack.others
+    assert not stack.query("SELECT 1 FROM medsync.mirrored_file m JOIN imaging.instance i ON i.id = m.instance_id"
+                           " WHERE i.source_system <> 'pacs'")  # fmt: skip

@@ -29,6 +29,7 @@ demo: install
 test: lint
 	scripts/ensure-postgres.sh
 	scripts/ensure-chromium.sh
+	scripts/ensure-orthanc.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: everything but the runs through real Airflow processes.
@@ -39,6 +40,7 @@ test-fast: install
 test-slow: install
 	scripts/ensure-postgres.sh
 	scripts/ensure-chromium.sh
+	scripts/ensure-orthanc.sh
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install

@@ -7,8 +7,9 @@ the host's namespace and hands to the namespace's helper (:mod:`devstack.orthanc
 forwards each connection to Orthanc. Nothing else on the machine can reach it.
 
 :func:`ensure_installed` installs the Debian packages ``orthanc`` and ``orthanc-dicomweb`` when
-they are missing (apt-get, as root), and otherwise says why it cannot: the tests skip with that
-reason and only then.
+they are missing (apt-get, as root, as ``scripts/ensure-orthanc.sh`` does for ``make test``), and
+otherwise says why it cannot: the tests skip with that reason, or fail on CI
+(``tests/pacs_fixtures.require_orthanc``).
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def ensure_installed() -> str | None:
     if os.geteuid() != 0:
         return "orthanc is not installed and installing it (apt-get) needs root"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [apt, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    # Another apt-get (a parallel test run installing the same packages) may hold dpkg's lock: wait.
+    lock = ["-o", f"DPkg::Lock::Timeout={APT_TIMEOUT // 2}"]
+    install = [apt, *lock, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
     done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT, check=False)
     if done.returncode != 0:  # the package lists may be missing or stale: update once, then again
-        subprocess.run([apt, "update", "-q"], env=env, capture_output=True, timeout=APT_TIMEOUT, check=False)
+        subprocess.run([apt, *lock, "update", "-q"], env=env, capture_output=True, timeout=APT_TIMEOUT, check=False)
         done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT, check=False)
     if done.returncode != 0 or not installed():
         return f"apt-get install {' '.join(PACKAGES)} failed: {done.stderr.strip()[-300:]}"

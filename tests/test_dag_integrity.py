@@ -413,6 +413,19 @@ def test_files_are_mirrored_after_the_instance_merge_and_before_the_check(parsed
         assert "mirror_files" in info["tasks"]["check_files"]["upstream"]
 
 
+def test_mirror_files_has_its_own_execution_timeout() -> None:
+    from datetime import timedelta
+
+    from medsync.config import get_source_config
+    from medsync.dag_factory import build_dag
+
+    cfg = get_source_config("pacs")
+    timeouts = cfg.task_timeouts.model_copy(update={"mirror_files_minutes": 17.0, "check_files_minutes": 9.0})
+    dag = build_dag(cfg.model_copy(update={"task_timeouts": timeouts}))
+    assert dag.get_task("mirror_files").execution_timeout == timedelta(minutes=17)
+    assert dag.get_task("check_files").execution_timeout == timedelta(minutes=9)
+
+
 def test_each_merge_is_downstream_of_its_pull(parsed: dict[str, Any]) -> None:
     for info, _ in _dags(parsed):
         for plural in LEVELS_PLURAL:

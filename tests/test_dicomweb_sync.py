@@ -11,21 +11,24 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
 import pytest
 import yaml
 from conftest import create_database, drop_database
-from pacs_fixtures import PACS_PATIENTS, PACS_SEED
+from faulty_proxy import FaultyProxy, faulty_proxy
+from pacs_fixtures import PACS_PATIENTS, PACS_SEED, pacs_connection, require_orthanc
 
 from devstack.airflow_env import include_copy
 from devstack.dicom_gen import Catalogue, generate
-from devstack.orthanc import Orthanc, ensure_installed, orthanc_server
+from devstack.orthanc import Orthanc, orthanc_server
 from medsync import tasks
 from medsync.config import LEVELS
+from medsync.errors import SnapshotGuardError
 from medsync.schema import migrate
 from medsync.windows import RunFacts
 
@@ -59,8 +62,12 @@ class Pacs:
             self.files.setdefault(str(ds.StudyInstanceUID), []).append(data)
         return cat
 
-    def run(self, *, full_refresh: bool = False) -> dict[str, Any]:
-        facts = RunFacts("manual", None, None, run_after=datetime.now(UTC), full_refresh=full_refresh)
+    def run(
+        self, *, full_refresh: bool = False, since: datetime | None = None, until: datetime | None = None
+    ) -> dict[str, Any]:
+        facts = RunFacts(
+            "manual", None, None, run_after=datetime.now(UTC), full_refresh=full_refresh, since=since, until=until
+        )
         plan = tasks.prepare("pacs", dag_run_id=f"test-{uuid.uuid4().hex[:8]}", facts=facts)
         run_id = plan["run_id"]
         for level in LEVELS:
@@ -95,15 +102,16 @@ class Pacs:
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Iterator[Pacs]:
-    reason = ensure_installed()
-    if reason:
-        pytest.skip(reason)
+    require_orthanc()
     dbname = f"medsync_pacs_{uuid.uuid4().hex[:8]}"
     dsn = create_database(dbname, template=a_template_db)
     tmp = tmp_path_factory.mktemp("pacs")
+    # The snapshot guard's floor lowered: this PACS is small (about 30 patients).
+    snapshot = {"on_full_refresh": True, "every_hours": 24, "max_delete_floor": 5}
     include = include_copy(
-        tmp / "include", source="pacs", retries=0, page_size=97, merge_batch_size=500, lookback_minutes=0
-    )
+        tmp / "include", source="pacs", retries=0, page_size=97, merge_batch_size=500, lookback_minutes=0,
+        snapshot=snapshot,
+    )  # fmt: skip
     with orthanc_server() as orthanc, pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDSYNC_INCLUDE_DIR", str(include))
         mp.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{dbname}")
@@ -127,9 +135,21 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, a_template_db: str) -> Iterat
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_1_first_load_stores_every_record_as_the_mapping_says(pacs: Pacs) -> None:
+def feed_reads(proxy: FaultyProxy) -> list[dict[str, str]]:
+    """The /changes requests the proxy saw that read the feed (not the one that asks for its last event)."""
+    reads = [dict(parse_qsl(urlsplit(p).query)) for p in proxy.paths if urlsplit(p).path == "/changes"]
+    return [r for r in reads if "since" in r]
+
+
+def test_1_first_load_stores_every_record_as_the_mapping_says(pacs: Pacs, monkeypatch: pytest.MonkeyPatch) -> None:
     b_before = pacs.query("SELECT xmin::text FROM imaging.subject WHERE source_system = 'b'")
-    report = pacs.run(full_refresh=True)
+    with faulty_proxy(pacs.orthanc.base_url) as proxy, monkeypatch.context() as mp:
+        mp.setenv("AIRFLOW_CONN_MEDSYNC_PACS_API", pacs_connection(pacs.orthanc, proxy.url))
+        report = pacs.run(full_refresh=True)
+    # Each full listing marked Orthanc's last event first; the report's count of what changed after
+    # the window read the feed once for all levels, from that mark, not Orthanc's whole history.
+    assert proxy.asked("/changes?last=") == 4
+    assert [r["since"] for r in feed_reads(proxy)] == [str(pacs.orthanc.last_change())]
     cat = pacs.catalogue
     assert pacs.live("subject") == cat.patients
     assert pacs.live("study") == set(cat.studies)
@@ -154,9 +174,16 @@ def test_1_first_load_stores_every_record_as_the_mapping_says(pacs: Pacs) -> Non
     assert pacs.query("SELECT xmin::text FROM imaging.subject WHERE source_system = 'b'") == b_before
 
 
-def test_2_a_rerun_writes_nothing(pacs: Pacs) -> None:
+def test_2_a_rerun_writes_nothing(pacs: Pacs, monkeypatch: pytest.MonkeyPatch) -> None:
     before = pacs.xmins()
-    pacs.run()  # incremental: the change feed has nothing new
+    # The full refresh marked Orthanc's last event: the next read of the feed starts there.
+    last = pacs.orthanc.last_change()
+    assert pacs.query("SELECT max(seq) FROM medsync.change_feed_mark") == [(last,)]
+    with faulty_proxy(pacs.orthanc.base_url) as proxy, monkeypatch.context() as mp:
+        mp.setenv("AIRFLOW_CONN_MEDSYNC_PACS_API", pacs_connection(pacs.orthanc, proxy.url))
+        pacs.run()  # incremental: the change feed has nothing new
+    # Read once for the run's four levels, from the full refresh's mark (not from 0).
+    assert [r["since"] for r in feed_reads(proxy)] == [str(last)]
     assert pacs.pulled("instance") == 0
     pacs.run(full_refresh=True)  # a full listing: every version is the kept one
     assert pacs.xmins() == before
@@ -214,3 +241,47 @@ def test_5_an_unknown_modality_is_quarantined_then_fixed_by_the_mapping(pacs: Pa
     assert not pacs.query("SELECT 1 FROM medsync.pending_instance")
     assert not pacs.query("SELECT 1 FROM medsync.quarantine WHERE resolved_at IS NULL")
     assert pacs.live("instance") == set(pacs.catalogue.instances)
+
+
+def test_6_old_marks_are_thinned_and_a_past_window_still_starts_before_it(
+    pacs: Pacs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    old = [(seq, today - timedelta(days=12 - seq // 10, minutes=seq)) for seq in range(1, 30)]
+    with psycopg.connect(pacs.dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM medsync.change_feed_mark WHERE seq < 30")
+        for seq, when in old:
+            conn.execute(
+                "INSERT INTO medsync.change_feed_mark (source_system, seq, changed_at) VALUES ('pacs', %s, %s)",
+                (seq, when),
+            )
+    pacs.orthanc.stow(generate(seed=51, patients=1))
+    pacs.orthanc.wait_until_stable()
+    pacs.run()  # reads the feed: old marks are pruned, the newest of each day kept
+    kept = [seq for (seq,) in pacs.query("SELECT seq FROM medsync.change_feed_mark WHERE seq < 30 ORDER BY seq")]
+    days = {when.date() for _, when in old}
+    assert kept == sorted(max(seq for seq, when in old if when.date() == day) for day in days) == [9, 19, 29]
+    # The recent marks are sparse: one per page of the feed read and one per full listing, not one per event.
+    recent = pacs.query("SELECT count(*) FROM medsync.change_feed_mark WHERE seq >= 30")[0][0]
+    assert 0 < recent < pacs.orthanc.last_change() / 50
+    # A repair of a past window reads from the last kept mark before it, not from Orthanc's beginning.
+    since = today - timedelta(days=10, hours=6)
+    with faulty_proxy(pacs.orthanc.base_url) as proxy:
+        monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_PACS_API", pacs_connection(pacs.orthanc, proxy.url))
+        pacs.run(since=since, until=since + timedelta(hours=1))
+    before_since = max(seq for seq, when in old if when < since and seq in kept)
+    assert before_since == 19
+    reads = feed_reads(proxy)
+    assert reads and reads[0]["since"] == str(before_since)
+    assert len(reads) == 1  # its first page is dated long after the window: nothing more to read
+
+
+def test_7_an_outage_answering_empty_pages_deletes_nothing(pacs: Pacs, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {level: pacs.live(level) for level in LEVELS}
+    pacs.query("UPDATE medsync.snapshot_run SET taken_at = taken_at - interval '25 hours' RETURNING 1")  # due
+    with faulty_proxy(pacs.orthanc.base_url) as proxy, monkeypatch.context() as mp:
+        mp.setenv("AIRFLOW_CONN_MEDSYNC_PACS_API", pacs_connection(pacs.orthanc, proxy.url))
+        proxy.fail("/dicom-web/", status=204)  # every QIDO-RS search answers "no content"
+        with pytest.raises(SnapshotGuardError, match=r"pacs subject: the snapshot would delete \d+ of A's \d+ live"):
+            pacs.run()
+    assert {level: pacs.live(level) for level in LEVELS} == before

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
+from pathlib import Path
 
 import pydicom
+import pytest
 import requests
-from pacs_fixtures import LoadedPacs
+from pacs_fixtures import LoadedPacs, require_orthanc
 
 from devstack.dicom_gen import Catalogue, generate
 from devstack.orthanc import NAMESPACE_PORT, Orthanc
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_generator_is_deterministic_and_varied() -> None:
@@ -77,3 +83,37 @@ def test_delete_and_add_again_through_orthanc(orthanc: Orthanc) -> None:
     assert orthanc.get("/statistics")["CountStudies"] == before - 1
     orthanc.stow(files)
     assert orthanc.get("/statistics")["CountStudies"] == before
+
+
+def test_a_missing_orthanc_fails_on_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    def cannot() -> str:
+        return "orthanc is not installed and installing it (apt-get) needs root"
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"CI must run the PACS tests: .*needs root"):
+        require_orthanc(cannot)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="needs root"):
+        require_orthanc(cannot)
+    require_orthanc(lambda: None)  # installed: neither
+
+
+def test_make_test_installs_orthanc_first() -> None:
+    script = ROOT / "scripts" / "ensure-orthanc.sh"
+    assert os.access(script, os.X_OK)
+    recipes: dict[str, list[str]] = {}
+    target = None
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line and not line[0].isspace() and ":" in line and not line.startswith((".", "#")) and "=" not in line:
+            target = line.split(":")[0]
+            recipes[target] = []
+        elif line.startswith("\t") and target:
+            recipes[target].append(line.strip())
+    for name in ("test", "test-slow"):
+        steps = recipes[name]
+        pytest_step = next(i for i, step in enumerate(steps) if "pytest" in step)
+        assert "scripts/ensure-orthanc.sh" in steps[:pytest_step], name
+    # Here Orthanc is installed (the PACS fixtures made sure): the script has nothing to do.
+    require_orthanc()
+    done = subprocess.run([str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

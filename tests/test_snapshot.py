@@ -11,9 +11,10 @@ from psycopg import sql
 
 from medsync import snapshot
 from medsync.config import SnapshotConfig, get_source_config
+from medsync.errors import SnapshotGuardError
 from medsync.merge import merge_level
 from medsync.schema import migrate
-from medsync.staging import ensure_staging_table
+from medsync.staging import ensure_staging_table, staging_table
 
 SRC = "pacs"
 OLD = datetime(2026, 1, 1, tzinfo=UTC)
@@ -105,6 +106,41 @@ def test_children_deleted_with_their_parent_get_their_own_tombstone_when_gone(co
     merge_level(conn, source=SRC, level="sequence", run_id=run_id)
     # Now its own: the parent coming back would not bring it back.
     assert conn.execute("SELECT count(*) FROM medsync.tombstone WHERE source_key = '1.2'").fetchone() == (1,)
+
+
+def _add_sequences(conn: psycopg.Connection, keys: list[str]) -> None:
+    conn.execute(
+        "INSERT INTO imaging.sequence (id, study_id, source_system, source_key, series_uid, modality,"
+        " source_updated_at) SELECT gen_random_uuid(), id, %s, k, k, 'CT', %s FROM imaging.study, unnest(%s::text[]) k",
+        (SRC, OLD, keys),
+    )
+
+
+def test_a_snapshot_that_would_delete_most_of_a_level_stages_nothing_and_fails(conn: psycopg.Connection) -> None:
+    _add_sequences(conn, [f"2.{i}" for i in range(8)])  # ten live series in A
+    run_id = _run(conn, "full_refresh")
+    _stage_listing(conn, "sequence", run_id, ["1.1", "2.0", "2.1"])  # a listing cut short: 7 of 10 missing
+    with pytest.raises(SnapshotGuardError, match=r"would delete 7 of A's 10 live rows .*max_delete_share 0.5"):
+        snapshot.stage_tombstones(conn, source=SRC, level="sequence", run_id=run_id, slice_index=0, listed=3,
+                                  max_delete_share=0.5, max_delete_floor=2)  # fmt: skip
+    stage = staging_table(SRC, "sequence", run_id)
+    assert conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE deleted").format(stage)).fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM medsync.snapshot_run").fetchone() == (0,)
+    # Under the floor, or within the share, the same compare goes ahead.
+    assert snapshot.stage_tombstones(conn, source=SRC, level="sequence", run_id=run_id, slice_index=0, listed=3,
+                                     max_delete_share=0.5, max_delete_floor=7)["tombstones"] == 7  # fmt: skip
+    again = _run(conn, "full_refresh")
+    _stage_listing(conn, "sequence", again, ["1.1", "2.0", "2.1"])
+    assert snapshot.stage_tombstones(conn, source=SRC, level="sequence", run_id=again, slice_index=0, listed=3,
+                                     max_delete_share=0.7, max_delete_floor=0)["tombstones"] == 7  # fmt: skip
+
+
+def test_the_guard_is_configurable_with_sensible_defaults() -> None:
+    assert SnapshotConfig().max_delete_share == 0.5 and SnapshotConfig().max_delete_floor == 100
+    with pytest.raises(ValueError, match="max_delete_share"):
+        SnapshotConfig(max_delete_share=0)
+    with pytest.raises(ValueError, match="max_delete_share"):
+        SnapshotConfig(max_delete_share=1.5)
 
 
 def test_cadence(conn: psycopg.Connection) -> None:

@@ -156,6 +156,16 @@ def test_manual_run_without_interval_syncs_from_watermark_minus_lookback_until_r
     assert window == Window(watermark - LOOKBACK, RUN_AFTER)
 
 
+def test_manual_run_dated_ahead_of_its_start_ends_at_its_start() -> None:
+    # Triggered at RUN_AFTER with a logical date a day later: its interval lies in the future.
+    ahead = facts(MANUAL_RUN, RUN_AFTER + timedelta(hours=12), RUN_AFTER + timedelta(hours=24))
+    watermark = RUN_AFTER - timedelta(hours=1)
+    assert plan_window(ahead, watermark, LOOKBACK) == Window(watermark - LOOKBACK, RUN_AFTER)
+    # An interval that has begun but not ended: from its start (no watermark) to the run's start.
+    current = facts(MANUAL_RUN, RUN_AFTER - timedelta(minutes=5), RUN_AFTER + timedelta(minutes=55))
+    assert plan_window(current, None, timedelta(0)) == Window(RUN_AFTER - timedelta(minutes=5), RUN_AFTER)
+
+
 @pytest.mark.parametrize(("start", "end"), [(None, None), (RUN_AFTER, RUN_AFTER)])
 def test_manual_run_without_interval_or_watermark_syncs_from_the_beginning(
     start: datetime | None, end: datetime | None

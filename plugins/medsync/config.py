@@ -120,6 +120,11 @@ class SnapshotConfig(_Strict):
     every_hours: float | None = Field(default=24.0, gt=0)
     """Otherwise, a run compares when the level's last snapshot of a succeeded run is older than this
     (None: only full refreshes)."""
+    max_delete_share: float = Field(default=0.5, gt=0, le=1)
+    """A snapshot that would delete more than this share of a level's live rows fails the pull instead
+    (a truncated listing looks like a purge); 1 turns the guard off."""
+    max_delete_floor: int = Field(default=100, ge=0)
+    """A snapshot may always delete up to this many rows of a level, whatever the share (small sources)."""
 
 
 class TaskTimeoutsConfig(_Strict):
@@ -130,6 +135,8 @@ class TaskTimeoutsConfig(_Strict):
     """A whole level's window: a full refresh of millions of records at the source's rate limit."""
     merge_minutes: float = Field(default=240, gt=0)
     check_files_minutes: float = Field(default=30, gt=0)
+    mirror_files_minutes: float = Field(default=240, gt=0)
+    """Copying files into A's bucket (``files: mirror`` sources): a first load copies every file."""
     report_minutes: float = Field(default=60, gt=0)
     finish_minutes: float = Field(default=15, gt=0)
 

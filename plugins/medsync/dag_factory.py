@@ -278,7 +278,7 @@ def build_dag(cfg: SourceConfig) -> DAG:  # noqa: PLR0915 (a DAG's tasks are dec
 
             return merge
 
-        @task(task_id="mirror_files", execution_timeout=timedelta(minutes=timeouts.check_files_minutes))
+        @task(task_id="mirror_files", execution_timeout=timedelta(minutes=timeouts.mirror_files_minutes))
         def mirror_files(plan: dict[str, Any]) -> dict[str, Any]:
             from medsync import tasks
 

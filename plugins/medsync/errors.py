@@ -75,6 +75,16 @@ class SourceBehindError(ReconciliationError):
     permanent = True
 
 
+class SnapshotGuardError(MedsyncError):
+    """A snapshot compare would delete more of A's rows than ``snapshot.max_delete_share`` allows.
+
+    A listing that short is more likely a broken listing (a server capping its page size, an
+    outage answering empty pages) than a real purge: someone has to look before A deletes.
+    """
+
+    permanent = True
+
+
 class StorageError(MedsyncError):
     """A presigned URL cannot be issued, or the run's sampled files are not readable with the source's identity."""
 

@@ -194,6 +194,6 @@ def format_report(report: dict[str, Any]) -> str:
     if mirror:
         out.append(
             "mirror: {copied} files copied into A's bucket ({bytes_copied} bytes), {skipped} already there, "
-            "{failed} failed, of {candidates} new or changed instances".format(**mirror)
+            "{failed} failed, of {candidates} instances whose copy was missing or outdated".format(**mirror)
         )
     return "\n".join(out)

@@ -16,6 +16,12 @@ the time of the compare as their version.
 
 Cadence (``SourceConfig.snapshot``): every full refresh (``on_full_refresh``), and otherwise when
 the level's last snapshot in a succeeded run is older than ``every_hours``.
+
+Guard: a listing much shorter than A's rows is more often a broken listing (a server that caps
+its page size without saying so, an outage answering empty pages) than a purge. A compare that
+would delete more than ``max_delete_share`` of the level's live rows, and more than
+``max_delete_floor`` rows, stages nothing and fails the pull with a permanent
+:class:`~medsync.errors.SnapshotGuardError` saying what to check.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import psycopg
 from psycopg import sql
 
 from medsync.config import SourceConfig
+from medsync.errors import SnapshotGuardError
 from medsync.levels import spec
 from medsync.schema import A_SCHEMA
 from medsync.staging import staging_table
@@ -57,13 +64,21 @@ def due(conn: psycopg.Connection, cfg: SourceConfig, level: str, run_id: int) ->
 
 
 def stage_tombstones(
-    conn: psycopg.Connection, *, source: str, level: str, run_id: int, slice_index: int, listed: int
+    conn: psycopg.Connection,
+    *,
+    source: str,
+    level: str,
+    run_id: int,
+    slice_index: int,
+    listed: int,
+    max_delete_share: float = 0.5,
+    max_delete_floor: int = 100,
 ) -> dict[str, Any]:
     """Stages a tombstone for each record of ``source`` A holds at ``level`` that the listing did not stage.
 
     Call it after the level's full listing was staged (the same run, table and slice), with
     ``listed`` the records the listing had. Records the snapshot of this run. Returns figures
-    for the pull's counts.
+    for the pull's counts. Raises ``SnapshotGuardError`` (and stages nothing) past the guard.
     """
     started = time.monotonic()
     stage = staging_table(source, level, run_id)
@@ -87,6 +102,9 @@ def stage_tombstones(
             ).format(stage=stage, table=sql.Identifier(A_SCHEMA, spec(level).table)),
             params,
         ).rowcount
+        if tombstones > max_delete_floor:
+            _guard(conn, source, level, tombstones=tombstones, listed=listed, share=max_delete_share,
+                   floor=max_delete_floor)  # fmt: skip
         seconds = time.monotonic() - started
         conn.execute(
             "INSERT INTO medsync.snapshot_run (run_id, source_system, level, listed, tombstones, seconds)"
@@ -98,3 +116,28 @@ def stage_tombstones(
     log.info("snapshot of %s %s: %d listed, %d gone (tombstones staged) in %.2fs", source, level, listed,
              tombstones, seconds)  # fmt: skip
     return {"listed": listed, "tombstones": tombstones, "seconds": round(seconds, 3)}
+
+
+def _guard(
+    conn: psycopg.Connection, source: str, level: str, *, tombstones: int, listed: int, share: float, floor: int
+) -> None:
+    """Raises (rolling back the tombstones) when they are more than ``share`` of the level's live rows."""
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE source_system = %s AND deleted_at IS NULL").format(
+            sql.Identifier(A_SCHEMA, spec(level).table)
+        ),
+        (source,),
+    ).fetchone()
+    live = int(row[0]) if row else 0
+    if tombstones <= share * live:
+        return
+    log.error("snapshot of %s %s refused: %d listed, %d of %d live rows would be deleted", source, level, listed,
+              tombstones, live)  # fmt: skip
+    raise SnapshotGuardError(
+        f"{source} {level}: the snapshot would delete {tombstones} of A's {live} live rows "
+        f"({tombstones / max(live, 1):.0%}; the listing had {listed} records), more than "
+        f"snapshot.max_delete_share {share:g} and snapshot.max_delete_floor {floor} allow: nothing was deleted. "
+        "A listing this short is usually a broken one: a server capping its page size below page_size "
+        "(set api.max_page_size), or an outage answering empty pages. Check the source and run again; if the "
+        "records are really gone, raise snapshot.max_delete_share in the source's config for one run."
+    )

@@ -199,7 +199,14 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
             counts["merged_while_pulling"] = merger.figures.as_dict()
         if snapshot_now:
             counts["snapshot"] = snapshot.stage_tombstones(
-                conn, source=source, level=level, run_id=run_id, slice_index=slice_index, listed=counts["records"]
+                conn,
+                source=source,
+                level=level,
+                run_id=run_id,
+                slice_index=slice_index,
+                listed=counts["records"],
+                max_delete_share=cfg.snapshot.max_delete_share,
+                max_delete_floor=cfg.snapshot.max_delete_floor,
             )
         ledger.record_pull(conn, run_id, level, slice_index, counts)
     return {"level": level, "slice": slice_index, "staged": counts["staged"], "quarantined": counts["quarantined"]}
@@ -341,8 +348,9 @@ def check_files(source: str, run_id: int) -> dict[str, Any]:
 
 
 def mirror_files(source: str, run_id: int) -> dict[str, Any]:
-    """Copies the files of the instances this run inserted or changed into A's bucket (``files: mirror``).
+    """Copies into A's bucket the files of the source's live instances whose copy is missing or outdated.
 
+    Not only this run's changes: a file an earlier run failed to copy is retried (``medsync.mirror``).
     The figures go to the run's report (``mirror``); the task fails when more files than
     ``file_check.max_failures`` could not be copied.
     """
@@ -356,7 +364,8 @@ def mirror_files(source: str, run_id: int) -> dict[str, Any]:
     if settings is None:
         return {"mirrored": 0, "skipped": True}
     hook = InstanceFileHook(source, storage=cfg.storage)
-    with src.connect() as client, connect_a(cfg) as conn:
+    # The copies are requests to the source like the pulls': the same run-wide limit paces them.
+    with request_limiter(cfg) as limiter, src.connect(limiter) as client, connect_a(cfg) as conn:
         run = ledger.get_run(conn, run_id)
         if run.options.get("dry_run"):
             return {"mirrored": 0, "skipped": True}  # a dry run changed no instance
@@ -366,7 +375,6 @@ def mirror_files(source: str, run_id: int) -> dict[str, Any]:
             client=client,
             s3=hook.get_conn(),
             settings=settings,
-            changed_since=run.started_at,
             check_location=hook.check_location,
             attempts=cfg.max_attempts,
         )

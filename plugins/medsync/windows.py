@@ -6,8 +6,9 @@ Every run syncs a bounded window; B is never asked for an open-ended one.
   earlier (so a failed run leaves no gap), minus the lookback, until the interval's end;
 - backfill: exactly its interval, minus the lookback;
 - manual: its interval if it has one (from the watermark if that is earlier, because a
-  manual run advances the watermark too); otherwise from the watermark (minus the
-  lookback), or from the beginning when nothing was ever synced, until the run's start;
+  manual run advances the watermark too), ending no later than the run's start; otherwise
+  from the watermark (minus the lookback), or from the beginning when nothing was ever
+  synced, until the run's start;
 - full refresh: from the beginning until the run's start;
 - repair (``since`` and ``until`` given in the trigger form): exactly that window, no
   lookback, whatever the run's type.
@@ -107,6 +108,12 @@ def plan_window(facts: RunFacts, watermark: datetime | None, lookback: timedelta
         if kind != BACKFILL and watermark is not None and watermark < since:
             since = watermark
         since -= lookback
+        if kind == MANUAL and until > facts.run_after:
+            # A manual run dated ahead of its start (the trigger form and the REST API take any
+            # logical date; run_after is then the trigger time) has an interval ending in the
+            # future. What happens after the run read the source is the next run's: a window past
+            # the start would move the watermark over changes nobody read.
+            until = facts.run_after
     else:
         since = watermark - lookback if watermark is not None else BEGINNING
         until = facts.run_after

@@ -25,19 +25,12 @@ from psycopg.types.json import Jsonb
 from medsync.errors import SourceApiError, SourceUnavailableError
 from medsync.sources.base import RawPage, SourceClient
 from medsync.sources.dicomweb import records, versions
+from medsync.sources.dicomweb.feed import OrthancChangeFeed
 from medsync.sources.dicomweb.spec import ChangeFeed, DicomwebApi
 from medsync.sources.dicomweb.tags import PATIENT, QIDO_RESOURCE, READ
 from medsync.windows import BEGINNING
 
 log = logging.getLogger(__name__)
-
-ONE_SECOND = timedelta(seconds=1)
-STUDY_EVENTS = {"NewStudy", "StableStudy", "UpdatedAttachment", "UpdatedMetadata"}
-SERIES_EVENTS = {"NewSeries", "StableSeries"}
-# No instance events: every new instance makes its series new or unstable, and Orthanc says
-# StableSeries once it has had no new instance for StableAge seconds; reading the series' events
-# saves one request per new instance.
-
 
 FILE_CHUNK = 1024 * 1024
 
@@ -97,6 +90,7 @@ class DicomwebClient(SourceClient):
         db: psycopg.Connection,
         page_size: int,
         timeout: float,
+        keep_marks_before_watermark: timedelta = timedelta(days=1),
     ) -> None:
         self.source = source
         self.api = api
@@ -109,6 +103,15 @@ class DicomwebClient(SourceClient):
         self.timeout = timeout
         self.zone = ZoneInfo(api.timezone)
         self._resources: dict[str, dict[str, Any] | None] = {}
+        self.feed = OrthancChangeFeed(
+            source=source,
+            db=db,
+            url=f"{self.orthanc_url}/changes",
+            get=self._get,
+            resource=self._orthanc,
+            batch=api.change_batch,
+            keep_before_watermark=keep_marks_before_watermark,
+        )
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -133,24 +136,41 @@ class DicomwebClient(SourceClient):
         except ValueError:
             raise SourceApiError(f"{self.source}: {what}: the answer is not JSON") from None
 
-    def _qido(self, path: str, level: str, filters: dict[str, str] | None = None) -> Iterator[list[dict[str, Any]]]:
-        """Pages of a QIDO-RS search (``limit``/``offset``), asking for every attribute the level reads."""
+    def _qido(
+        self, path: str, level: str, filters: dict[str, str] | None = None, *, whole: bool = False
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Pages of a QIDO-RS search (``limit``/``offset``), asking for every attribute the level reads.
+
+        A page shorter than ``limit`` is the last one. With ``whole`` (a full listing, which a
+        snapshot compares with A: a truncated one would delete what it misses) that is checked with
+        one more request: a server that silently caps its pages below ``limit`` has more after a
+        short page, and the listing fails with what to set instead of coming back truncated.
+        """
         tags = sorted({*READ[level], *READ["instance"]} if level == "instance" else READ[level])
-        offset = 0
+        what = f"QIDO {path.rsplit('/', 1)[-1]}"
+        offset, short = 0, 0
         while True:
             # One includefield per attribute: Orthanc's plugin ignores the comma-separated form.
             params: dict[str, Any] = {"limit": self.page_size, "offset": offset, "includefield": tags}
             params.update(filters or {})
-            page = self._get(f"{self.qido_url}{path}", f"QIDO {path.rsplit('/', 1)[-1]}", params)
+            page = self._get(f"{self.qido_url}{path}", what, params)
             if page is None:
-                return
+                page = []
             if not isinstance(page, list):
                 raise SourceApiError(f"{self.source}: QIDO {path}: the answer is not a list")
+            if short and page:
+                raise SourceApiError(
+                    f"{self.source}: {what}: the PACS answered {short} items for limit={self.page_size} and has more "
+                    f"after them: it caps its pages below page_size. Set api.max_page_size and page_size to at "
+                    f"most {short} in the source's config"
+                )
             if not page:
                 return
             yield page
             if len(page) < self.page_size:
-                return
+                if not whole:
+                    return
+                short = len(page)
             offset += len(page)
 
     # -- versions ---------------------------------------------------------------------------
@@ -179,10 +199,14 @@ class DicomwebClient(SourceClient):
 
     def iter_listing(self, level: str) -> Iterator[RawPage]:
         """Every record of ``level`` the PACS holds now."""
+        if self.api.changes is ChangeFeed.ORTHANC:
+            # Everything up to Orthanc's last event is in this listing: the next window's read of
+            # the feed starts there (without the mark it would read Orthanc's whole history).
+            self.feed.mark_last()
         if level == "subject":
-            yield from self._subjects(self._qido("/studies", "study"))
+            yield from self._subjects(self._qido("/studies", "study", whole=True))
             return
-        for page in self._qido(f"/{QIDO_RESOURCE[level]}", level):
+        for page in self._qido(f"/{QIDO_RESOURCE[level]}", level, whole=True):
             yield self._versioned(level, page)
 
     def iter_pages(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
@@ -221,41 +245,7 @@ class DicomwebClient(SourceClient):
                 yield self._versioned("subject", [row[0] for row in chunk])
         db.execute("TRUNCATE dicomweb_subject_candidate")
 
-    # -- Orthanc's change feed ------------------------------------------------------------------
-
-    def _feed_start(self, since: datetime) -> int:
-        row = self.db.execute(
-            "SELECT max(seq) FROM medsync.change_feed_mark WHERE source_system = %s AND changed_at < %s",
-            (self.source, since),
-        ).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
-
-    def _changes(self, since: datetime, until: datetime) -> list[dict[str, Any]]:
-        """Orthanc's change events dated in ``[since, until)``, read from the last mark before ``since``."""
-        seq = self._feed_start(since)
-        found: list[dict[str, Any]] = []
-        while True:
-            answer = self._get(f"{self.orthanc_url}/changes", "changes", {"since": seq, "limit": self.api.change_batch})
-            if not isinstance(answer, dict) or not isinstance(answer.get("Changes"), list):
-                raise SourceApiError(f"{self.source}: /changes: not Orthanc's change feed")
-            changes = answer["Changes"]
-            marks = []
-            for change in changes:
-                when = datetime.strptime(str(change["Date"]), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
-                marks.append((self.source, int(change["Seq"]), when))
-                # Orthanc dates events to the second: the event happened in [when, when + 1 s). Taken
-                # when that second overlaps the window, so no event falls between two windows.
-                if when < until and when + ONE_SECOND > since:
-                    found.append(change)
-            if marks:
-                self.db.execute(
-                    "INSERT INTO medsync.change_feed_mark (source_system, seq, changed_at)"
-                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::timestamptz[]) ON CONFLICT DO NOTHING",
-                    ([m[0] for m in marks], [m[1] for m in marks], [m[2] for m in marks]),
-                )
-            seq = int(answer.get("Last", seq))
-            if answer.get("Done", True) or not changes:
-                return found
+    # -- Orthanc's change feed (medsync.sources.dicomweb.feed) ------------------------------------
 
     def _orthanc(self, path: str) -> dict[str, Any] | None:
         """An Orthanc resource (``/studies/<id>``, ...), read once per client: a pull asks for each several times."""
@@ -264,26 +254,12 @@ class DicomwebClient(SourceClient):
             self._resources[path] = answer if isinstance(answer, dict) else None
         return self._resources[path]
 
-    def _affected(self, changes: list[dict[str, Any]]) -> tuple[set[str], dict[str, dict[str, Any]]]:
-        """The studies (Orthanc ids) and series (id -> Orthanc's record of it) the changes touched."""
-        studies: set[str] = set()
-        series: set[str] = set()
-        for change in changes:
-            kind, oid = change.get("ChangeType"), str(change.get("ID"))
-            if kind in STUDY_EVENTS and change.get("ResourceType") == "Study":
-                studies.add(oid)
-            elif kind in SERIES_EVENTS:
-                series.add(oid)
-        series_info = {oid: info for oid in sorted(series) if (info := self._orthanc(f"/series/{oid}")) is not None}
-        studies |= {str(info["ParentStudy"]) for info in series_info.values()}
-        return studies, series_info
-
     def _changed(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
-        changes = self._changes(since, until)
-        studies, series_info = self._affected(changes)
+        touched = self.feed.touched(since, until)
+        studies, series_info = set(touched.studies), touched.series
         log.info(
             "%s %s: %d changes in the window: %d studies, %d series to fetch",
-            self.source, level, len(changes), len(studies), len(series_info),
+            self.source, level, touched.changes, len(studies), len(series_info),
         )  # fmt: skip
         if level == "study":
             items = list(self._studies_by_orthanc_id(sorted(studies)))

@@ -5,6 +5,11 @@ Authentication: **login + password** is HTTP basic; **password without a login**
 (``Authorization: Bearer <password>``: a cloud DICOM store, a PACS behind an OAuth proxy).
 Keeping the secret in the password field makes Airflow mask it in logs. Import this module in
 task bodies only (Airflow's SDK is slow to import at DAG parse time).
+
+Pacing: every request the session sends, first attempts and urllib3's retries alike, first
+claims a slot of the given :class:`~medsync.sources.base.RequestLimiter` (the source's run-wide
+limit in A's database, or the client's own token bucket), so ``rate_limit_per_second`` bounds
+what the PACS receives whatever retries, threads (the mirror) and tasks there are.
 """
 
 from __future__ import annotations
@@ -13,9 +18,44 @@ import requests
 from airflow.providers.http.hooks.http import HttpHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from requests.adapters import HTTPAdapter
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from medsync.errors import ConfigError
+from medsync.sources.base import RequestLimiter
+
+
+class PacedRetry(Retry):
+    """urllib3's retries, each of which claims a request slot after its backoff (or ``Retry-After``).
+
+    urllib3 retries inside the adapter, below requests: without this a retry would reach the
+    PACS unpaced. ``new`` is overridden because urllib3 makes a new ``Retry`` per attempt.
+    """
+
+    limiter: RequestLimiter | None = None
+
+    def new(self, **kw: Any) -> PacedRetry:
+        retry = super().new(**kw)
+        retry.limiter = self.limiter
+        return retry
+
+    def sleep(self, response: BaseHTTPResponse | None = None) -> None:
+        super().sleep(response)
+        if self.limiter is not None:
+            self.limiter.acquire()
+
+
+class PacedAdapter(HTTPAdapter):
+    """An adapter whose every request (redirects included: requests sends each through here) claims a slot first."""
+
+    def __init__(self, limiter: RequestLimiter | None, **kwargs: Any) -> None:
+        self.limiter = limiter
+        super().__init__(**kwargs)
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        if self.limiter is not None:
+            self.limiter.acquire()
+        return super().send(request, *args, **kwargs)
 
 
 class DicomwebHook(HttpHook):
@@ -38,8 +78,9 @@ class DicomwebHook(HttpHook):
         max_attempts: int = 6,
         max_backoff_seconds: float = 60.0,
         timeout: float = 30.0,
+        limiter: RequestLimiter | None = None,
     ) -> None:
-        retry = Retry(
+        retry = PacedRetry(
             total=max_attempts - 1,
             connect=max_attempts - 1,
             read=max_attempts - 1,
@@ -51,7 +92,8 @@ class DicomwebHook(HttpHook):
             respect_retry_after_header=True,
             raise_on_status=False,
         )
-        super().__init__(method="GET", http_conn_id=http_conn_id, adapter=HTTPAdapter(max_retries=retry))
+        retry.limiter = limiter
+        super().__init__(method="GET", http_conn_id=http_conn_id, adapter=PacedAdapter(limiter, max_retries=retry))
         self.timeout = timeout
 
     def session(self) -> tuple[requests.Session, str, float]:

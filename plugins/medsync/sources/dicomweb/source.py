@@ -6,6 +6,7 @@ DAG files are parsed.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 from medsync.mapping import Mapping
@@ -68,18 +69,29 @@ class DicomwebSource(Source):
         )
 
     def connect(self, limiter: RequestLimiter | None = None) -> SourceClient:
+        """The PACS's session, paced by ``limiter`` or else by a token bucket of ``rate_limit_per_second``.
+
+        The client's session on A's database (versions, change feed) has the config's
+        ``database`` bounds, as every task's own session does.
+        """
         from medsync.hooks.a_database import ADatabaseHook
         from medsync.sources.dicomweb.client import DicomwebClient
         from medsync.sources.dicomweb.hook import DicomwebHook
+        from medsync.sources.rate_limit import TokenBucket
 
         hook = DicomwebHook(
             self.cfg.connections.api_conn_id,
             max_attempts=self.cfg.max_attempts,
             max_backoff_seconds=self.cfg.max_backoff_seconds,
             timeout=self.cfg.request_timeout_seconds,
+            limiter=limiter if limiter is not None else TokenBucket(self.cfg.rate_limit_per_second),
         )
         session, base_url, timeout = hook.session()
-        db = ADatabaseHook(self.cfg.connections.db_conn_id).get_conn()
+        db = ADatabaseHook(
+            self.cfg.connections.db_conn_id,
+            connect_timeout_seconds=self.cfg.database.connect_timeout_seconds,
+            statement_timeout_seconds=self.cfg.database.statement_timeout_seconds,
+        ).get_conn()
         return DicomwebClient(
             source=self.cfg.name,
             api=self.api,
@@ -88,4 +100,7 @@ class DicomwebSource(Source):
             db=db,
             page_size=self.cfg.page_size,
             timeout=timeout,
+            # Scheduled and manual windows start no earlier than the oldest watermark minus the
+            # lookback; a day more for a manual run's interval. Older marks are thinned (feed.py).
+            keep_marks_before_watermark=timedelta(minutes=self.cfg.lookback_minutes) + timedelta(days=1),
         )

@@ -14,6 +14,8 @@ what the PACS receives whatever retries, threads (the mirror) and tasks there ar
 
 from __future__ import annotations
 
+from typing import Any
+
 import requests
 from airflow.providers.http.hooks.http import HttpHook
 from airflow.sdk.exceptions import AirflowNotFoundException

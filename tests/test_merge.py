@@ -7,11 +7,14 @@ one "run" at a time, and checks A's rows and medsync's state.
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import psycopg
 import pytest
+from conftest import create_database, drop_database
 
 from medsync import live_count, schema
 from medsync.config import LEVELS, get_source_config
@@ -48,6 +51,10 @@ def image(iid: str, series_uid: str, t: str = T0, **kw: Any) -> dict[str, Any]:
     return {"id": iid, "updated_at": t, "deleted": False, "series_uid": series_uid, "sop_uid": f"1.4.{iid}",
             "number": 1, "file_path": f"/2026/11/19/{iid}.dcm", "file_size": 100,
             "content_type": "application/dicom", **kw}  # fmt: skip
+
+
+def datetime_of(t: str) -> datetime:
+    return datetime.fromisoformat(t.replace("Z", "+00:00"))
 
 
 def tomb(rid: str, t: str) -> dict[str, Any]:
@@ -464,3 +471,67 @@ def test_instances_follow_when_their_old_series_is_deleted_after_the_new_one_arr
     sync.run(sequence=[tomb("q2", T2)])
     assert sync.rows("instance", "sequence_id", "deleted_at")["i3"][0] == sync.rows("sequence", "id")["q2"][0]
     assert sync.rows("instance", "deleted_at")["i3"][0] is not None
+
+
+def _instances_in_chunks(sync: Sync, run: int, pages: list[list[dict[str, Any]]]) -> None:
+    """Stages the instance level of ``run`` in chunks of two records, as a pull commits them."""
+    parser = sync.b.parser(sync.mapping, Buckets("b-bucket", frozenset({"b-bucket"})))
+    pull_level(sync.conn, source="b", level="instance", run_id=run, pages=[RawPage(p) for p in pages],
+               parser=parser, commit_rows=2)  # fmt: skip
+
+
+def _instance_state(conn: psycopg.Connection) -> dict[str, Any]:
+    """A's live instances (version, content, parent) and the tombstones medsync remembers."""
+    live = conn.execute(
+        "SELECT i.source_key, i.source_updated_at, i.sop_instance_uid, s.source_key FROM imaging.instance i"
+        " JOIN imaging.sequence s ON s.id = i.sequence_id WHERE i.deleted_at IS NULL ORDER BY 1"
+    ).fetchall()
+    tombstones = conn.execute(
+        "SELECT source_key, source_updated_at FROM medsync.tombstone WHERE level = 'instance' ORDER BY 1"
+    ).fetchall()
+    pending = conn.execute("SELECT source_key FROM medsync.pending_instance ORDER BY 1").fetchall()
+    return {"live": live, "tombstones": tombstones, "pending": pending}
+
+
+@pytest.mark.parametrize("sessions", [1, 3])
+def test_a_first_load_merged_chunk_by_chunk_ends_as_one_merge_after_the_pull(
+    a_db: str, a_template_db: str, sessions: int
+) -> None:
+    """Merging while pulling: records that changed while their level was pulled come twice (a
+    newer version, a deletion, a return after the deletion) in later chunks; A shows what a merge
+    after the pull shows, and remembers the same tombstones. (A record stored by one chunk and
+    deleted by a later one keeps a deleted row, as two runs would leave it.)"""
+    parents = {k: v for k, v in full_tree().items() if k != "instance"}
+    pages = [
+        [image("i1", "1.3.q1"), image("i2", "1.3.q1")],
+        [image("i3", "1.3.q2"), tomb("i6", T0)],
+        [image("i1", "1.3.q1", T1, sop_uid="1.4.i1-v2"), image("i4", "1.3.q2")],  # i1 changed: in A already
+        [tomb("i2", T1), image("i5", "1.3.q9")],  # i2 deleted; i5's series is not in A (pending)
+        [image("i6", "1.3.q2", T1)],  # i6 back after its tombstone
+    ]
+    states = []
+    name = f"medsync_t_reference_{uuid.uuid4().hex[:8]}"
+    reference = create_database(name, template=a_template_db)  # the same records merged after the pull
+    try:
+        for dsn, early in ((reference, False), (a_db, True)):
+            s = Sync(dsn, batch_size=2, sessions=sessions)
+            s.run(**parents)  # run 1: the parents
+            s.conn.execute("INSERT INTO medsync.sync_run (id, source_system, dag_run_id, run_type)"
+                           " VALUES (2, 'b', 'run2', 'manual')")  # fmt: skip
+            _instances_in_chunks(s, 2, pages)
+            merge = {"source": "b", "level": "instance", "run_id": 2, "batch_size": 2, "parent_lookup": "series_uid"}
+            if early:
+                for chunk in range(1, len(pages) + 1):
+                    merge_level(s.conn, **merge, chunk=(0, chunk))
+            counts = merge_level(s.conn, **merge, sessions=sessions, connect=s.connect)
+            s.assert_live_counts_kept()
+            states.append(_instance_state(s.conn))
+            s.conn.close()
+        assert counts.early_chunks == len(pages)
+        assert states[1] == states[0]
+        assert [(key, uid) for key, _, uid, _ in states[1]["live"]] == [
+            ("i1", "1.4.i1-v2"), ("i3", "1.4.i3"), ("i4", "1.4.i4"), ("i6", "1.4.i6")
+        ]  # fmt: skip
+        assert states[1]["tombstones"] == [("i2", datetime_of(T1))] and states[1]["pending"] == [("i5",)]
+    finally:
+        drop_database(name)

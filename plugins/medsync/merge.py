@@ -257,6 +257,24 @@ class _Sql:
             ) t ON true
             """
         ).format(table=self.table)
+        # A chunk merged while its level is pulled (a first load of it, medsync.early_merge) expects
+        # its live records to be new to A: A is probed for its tombstones only. A live record that A
+        # has after all (it changed while the level was pulled, so an earlier chunk brought it)
+        # fails the batch's insert on A's unique key, and the batch is then decided with ``probed``.
+        probed_for_tombstones = sql.SQL(
+            """
+            LEFT JOIN LATERAL (
+                SELECT * FROM {table} a0
+                WHERE w.deleted AND a0.source_system = %(src)s AND a0.source_key = w.source_key
+                LIMIT 1
+            ) a ON true
+            LEFT JOIN LATERAL (
+                SELECT t0.source_updated_at FROM medsync.tombstone t0
+                WHERE t0.source_system = %(src)s AND t0.level = %(level)s AND t0.source_key = w.source_key
+                LIMIT 1
+            ) t ON true
+            """
+        ).format(table=self.table)
         # A level that holds no row and no tombstone of the source (a first load) has nothing to
         # probe: the same decisions with every probe empty, which is what these joins give.
         unprobed = sql.SQL("LEFT JOIN {table} a ON false LEFT JOIN medsync.tombstone t ON false").format(
@@ -273,6 +291,9 @@ class _Sql:
         }
         self.decide_select = decide.format(against_a=probed, **parts)
         self.decide = sql.SQL("INSERT INTO merge_decided {}").format(self.decide_select)
+        self.decide_expecting_new = sql.SQL("INSERT INTO merge_decided {}").format(
+            decide.format(against_a=probed_for_tombstones, **parts)
+        )
         self.create_decided = sql.SQL("CREATE TEMP TABLE merge_decided AS {} WITH NO DATA").format(self.decide_select)
         # A batch's statements read its decisions from the session's merge_decided, filled by
         # ``decide``; a first-load batch reads them straight from the work table instead (no
@@ -578,7 +599,7 @@ def merge_level(
                 raise SourceBehindError(source_behind_message(source, {level: older}))
             counts.build_seconds = time.monotonic() - started
             more = [connect] * (min(sessions, batches) - 1) if connect is not None else []
-            _run_batches(conn, q, params, more=more, batches=batches, counts=counts)
+            _run_batches(conn, q, params, more=more, batches=batches, counts=counts, expecting_new=chunk is not None)
             if chunk is not None:
                 counts.seconds = time.monotonic() - started
                 _record_merged_chunk(conn, run_id, level, chunk, counts)
@@ -663,11 +684,14 @@ def _run_batches(
     more: list[Callable[[], psycopg.Connection]],
     batches: int,
     counts: MergeCounts,
+    expecting_new: bool = False,
 ) -> None:
     """Applies every batch, on ``conn`` and on one more session per ``more`` (threads).
 
     A failed batch stops the others after their current batch; what committed stays (a
     re-run decides against A's current rows and converges) and the first error is raised.
+    ``expecting_new``: each batch is first decided expecting its live records to be new to A
+    (``_Sql.decide_expecting_new``), and decided again with every probe if one is not.
     """
     pending_rows = q.s.parent_level is not None and _has_pending_rows(conn, q, params["src"])
     first_load = holds_nothing_of_the_source(conn, params["src"], q.s.level)
@@ -685,10 +709,21 @@ def _run_batches(
                     batch = next(todo, None)
                 if batch is None:
                     return
-                with session.transaction():
-                    _merge_batch(
-                        session, q, {**params, "batch": batch}, mine, pending_rows=pending_rows, first_load=first_load
-                    )
+                batch_params = {**params, "batch": batch}
+                attempt = MergeCounts()
+                try:
+                    with session.transaction():
+                        _merge_batch(session, q, batch_params, attempt, pending_rows=pending_rows,
+                                     first_load=first_load, expecting_new=expecting_new and not first_load)  # fmt: skip
+                except psycopg.errors.UniqueViolation:
+                    if not expecting_new or first_load:
+                        raise
+                    # A live record A had after all (it changed while its level was pulled): the
+                    # batch rolled back; decided again against everything A holds.
+                    attempt = MergeCounts()
+                    with session.transaction():
+                        _merge_batch(session, q, batch_params, attempt, pending_rows=pending_rows, first_load=False)
+                mine.add(attempt)
                 mine.batches += 1
         finally:
             _close_session(session)
@@ -740,14 +775,23 @@ def _close_session(conn: psycopg.Connection) -> None:
 
 
 def _decide(
-    conn: psycopg.Connection, q: _Sql, params: dict[str, Any], counts: MergeCounts, *, first_load: bool
+    conn: psycopg.Connection,
+    q: _Sql,
+    params: dict[str, Any],
+    counts: MergeCounts,
+    *,
+    first_load: bool,
+    expecting_new: bool = False,
 ) -> _BatchSql:
-    """The batch's statements, reading its decisions: stored in ``merge_decided`` first, unless a first load."""
+    """The batch's statements, reading its decisions: stored in ``merge_decided`` first, unless a first load.
+
+    ``expecting_new``: A is probed for the batch's tombstones only (see ``_Sql.decide_expecting_new``).
+    """
     if first_load:
         counts.first_load_batches += 1
         return q.first_load
     conn.execute("TRUNCATE merge_decided")
-    conn.execute(q.decide, params)
+    conn.execute(q.decide_expecting_new if expecting_new else q.decide, params)
     return q.probed
 
 
@@ -759,6 +803,7 @@ def _merge_batch(
     *,
     pending_rows: bool,
     first_load: bool,
+    expecting_new: bool = False,
 ) -> None:
     """Decides one batch against A's current rows and applies it.
 
@@ -768,8 +813,10 @@ def _merge_batch(
     ``first_load``: the level held no row and no tombstone of the source when the merge began,
     so no probe can find one (only this merge writes them, and only its own batches' keys);
     the decisions are then read from the work table as they are needed, not stored first.
+    ``expecting_new``: see ``_Sql.decide_expecting_new`` (the caller redoes the batch without it
+    when A's unique key refuses an insert).
     """
-    b = _decide(conn, q, params, counts, first_load=first_load)
+    b = _decide(conn, q, params, counts, first_load=first_load, expecting_new=expecting_new)
     batch: Counter[str] = Counter()
     live: Counter[str] = Counter()  # the change of A's live rows, per level (medsync.live_count)
     level = q.s.level

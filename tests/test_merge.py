@@ -19,7 +19,7 @@ from conftest import create_database, drop_database
 from medsync import live_count, schema
 from medsync.config import LEVELS, get_source_config
 from medsync.mapping import load_mapping, parse_mapping
-from medsync.merge import merge_level
+from medsync.merge import Chunks, merge_level
 from medsync.sources import open_source
 from medsync.sources.base import Buckets, RawPage
 from medsync.staging import pull_level
@@ -520,14 +520,14 @@ def test_a_first_load_merged_chunk_by_chunk_ends_as_one_merge_after_the_pull(
                            " VALUES (2, 'b', 'run2', 'manual')")  # fmt: skip
             _instances_in_chunks(s, 2, pages)
             merge = {"source": "b", "level": "instance", "run_id": 2, "batch_size": 2, "parent_lookup": "series_uid"}
-            if early:
-                for chunk in range(1, len(pages) + 1):
-                    merge_level(s.conn, **merge, chunk=(0, chunk))
+            if early:  # as the pull commits them: one chunk, then two that waited, then the last two
+                for first, last in ((1, 1), (2, 3), (4, 5)):
+                    merge_level(s.conn, **merge, chunks=Chunks(0, first, last))
             counts = merge_level(s.conn, **merge, sessions=sessions, connect=s.connect)
             s.assert_live_counts_kept()
             states.append(_instance_state(s.conn))
             s.conn.close()
-        assert counts.early_chunks == len(pages)
+        assert counts.early_chunks == len(pages) and counts.early_merges == 3
         assert states[1] == states[0]
         assert [(key, uid) for key, _, uid, _ in states[1]["live"]] == [
             ("i1", "1.4.i1-v2"), ("i3", "1.4.i3"), ("i4", "1.4.i4"), ("i6", "1.4.i6")

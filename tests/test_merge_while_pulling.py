@@ -54,7 +54,10 @@ def finish_run(world: World, run_id: int) -> dict[str, Any]:
 
 
 def early_chunks(world: World, run_id: int) -> int:
-    return world.count("SELECT count(*) FROM medsync.early_merge_chunk WHERE run_id = %s", run_id)
+    return world.count(
+        "SELECT coalesce(sum(last_chunk - first_chunk + 1), 0) FROM medsync.early_merge_chunk WHERE run_id = %s",
+        run_id,
+    )
 
 
 def test_a_first_load_merged_while_pulling_is_exactly_b_with_the_figures_of_a_merge_after_it(

@@ -47,7 +47,7 @@ from medsync import ledger
 from medsync.errors import MedsyncError
 from medsync.levels import spec
 from medsync.locks import source_lock_if_free
-from medsync.merge import holds_nothing_of_the_source, merge_level
+from medsync.merge import Chunks, holds_nothing_of_the_source, merge_level
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def applies(
 @dataclass
 class EarlyMergeFigures:
     chunks: int = 0
+    merges: int = 0
+    """Each merge takes every chunk committed and waiting at the time."""
     candidates: int = 0
     inserted: int = 0
     seconds: float = 0.0
@@ -98,7 +100,7 @@ class EarlyMerger:
 
     ``connect`` opens a session of A's database in autocommit mode (the thread's own). Leaving
     the block normally merges what is still waiting (see the module's docstring); leaving it by
-    an error stops after the chunk being merged and leaves the rest to the merge task.
+    an error stops after the merge under way and leaves the rest to the merge task.
     """
 
     connect: Callable[[], psycopg.Connection]
@@ -109,6 +111,9 @@ class EarlyMerger:
     batch_size: int
     lock_timeout_seconds: int
     parent_lookup: str
+    sessions: int = 1
+    """Sessions the merge of what is left when the pull ends may use (while it pulls: one, as the
+    pull needs the machine too)."""
     poll_seconds: float = POLL_SECONDS
     figures: EarlyMergeFigures = field(default_factory=EarlyMergeFigures)
     _committed: queue.Queue[int] = field(default_factory=queue.Queue)
@@ -175,34 +180,41 @@ class EarlyMerger:
                 parents_merged = ledger.level_merged(conn, self.run_id, parent)
             if self._waiting and parents_merged:
                 if pull_ended:
-                    self._merge(conn)  # the pull is done: wait for the lock, as the merge task would
+                    # The pull is done: wait for the lock, as the merge task would, and use its sessions.
+                    self._merge(conn, sessions=self.sessions)
                 else:
                     with source_lock_if_free(conn, self.source) as held:
                         if held:
-                            self._merge(conn)
+                            self._merge(conn, sessions=1)
             if pull_ended:
                 return
 
-    def _merge(self, conn: psycopg.Connection) -> None:
-        """Merges the waiting chunks in the order they were committed; each is recorded as merged."""
-        while self._waiting and not self._stop.is_set():
-            chunk = self._waiting[0]
-            counts = merge_level(
-                conn,
-                source=self.source,
-                level=self.level,
-                run_id=self.run_id,
-                batch_size=self.batch_size,
-                lock_timeout_seconds=self.lock_timeout_seconds,
-                parent_lookup=self.parent_lookup,
-                chunk=(self.slice_index, chunk),
-            )
-            self._waiting.pop(0)
-            self.figures.chunks += 1
-            self.figures.candidates += counts.candidates
-            self.figures.inserted += counts.inserted
-            self.figures.seconds += counts.seconds
-            log.info(
-                "%s chunk %d merged while pulling: %d records, %d inserted, %d updated, %d pending in %.2fs",
-                self.level, chunk, counts.candidates, counts.inserted, counts.updated, counts.pending, counts.seconds,
-            )  # fmt: skip
+    def _merge(self, conn: psycopg.Connection, *, sessions: int) -> None:
+        """Merges every waiting chunk (consecutive: committed in order) in one merge, recorded as merged.
+
+        A merge that lags behind the pull takes bigger bites: fewer work tables, fuller batches.
+        """
+        chunks = Chunks(self.slice_index, self._waiting[0], self._waiting[-1])
+        counts = merge_level(
+            conn,
+            source=self.source,
+            level=self.level,
+            run_id=self.run_id,
+            batch_size=self.batch_size,
+            lock_timeout_seconds=self.lock_timeout_seconds,
+            sessions=sessions,
+            connect=self.connect,
+            parent_lookup=self.parent_lookup,
+            chunks=chunks,
+        )
+        self._waiting.clear()
+        self.figures.chunks += chunks.count
+        self.figures.merges += 1
+        self.figures.candidates += counts.candidates
+        self.figures.inserted += counts.inserted
+        self.figures.seconds += counts.seconds
+        log.info(
+            "%s chunks %d-%d merged while pulling: %d records, %d inserted, %d updated, %d pending in %.2fs",
+            self.level, chunks.first, chunks.last, counts.candidates, counts.inserted, counts.updated,
+            counts.pending, counts.seconds,
+        )  # fmt: skip

@@ -84,6 +84,8 @@ class MergeCounts:
     """Inserting and updating A's rows of the level, summed over sessions (the bulk of a large merge)."""
     early_chunks: int = 0
     """Staging chunks merged while the level was still pulled (``medsync.early_merge``), included above."""
+    early_merges: int = 0
+    """How many merges they took (one merge takes every chunk committed and waiting at the time)."""
     early_candidates: int = 0
     early_seconds: float = 0.0
     """What merging those chunks took, in the pull tasks (beside their pulling)."""
@@ -99,15 +101,16 @@ class MergeCounts:
         for level, c in other.cascaded.items():
             self.cascaded.setdefault(level, Counter()).update(c)
 
-    def add_early(self, chunk: dict[str, Any]) -> None:
-        """Adds the figures of a chunk merged early (``as_dict`` of its merge) to the level's."""
+    def add_early(self, early: dict[str, Any], chunks: int) -> None:
+        """Adds the figures of ``chunks`` chunks merged early in one merge (its ``as_dict``) to the level's."""
         for name in self._ADDED:
-            setattr(self, name, getattr(self, name) + chunk[name])
-        self.candidates += chunk["candidates"]
-        self.early_chunks += 1
-        self.early_candidates += chunk["candidates"]
-        self.early_seconds += chunk["seconds"]
-        for level, c in chunk["cascaded"].items():
+            setattr(self, name, getattr(self, name) + early[name])
+        self.candidates += early["candidates"]
+        self.early_chunks += chunks
+        self.early_merges += 1
+        self.early_candidates += early["candidates"]
+        self.early_seconds += early["seconds"]
+        for level, c in early["cascaded"].items():
             self.cascaded.setdefault(level, Counter()).update(c)
 
     def as_dict(self) -> dict[str, Any]:
@@ -497,6 +500,19 @@ def drop_work_tables(conn: psycopg.Connection, source: str, run_id: int) -> None
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(work_table(source, level, run_id, early=early)))
 
 
+@dataclass(frozen=True)
+class Chunks:
+    """Committed staging chunks ``first`` to ``last`` of a pull's slice (``medsync.early_merge``)."""
+
+    slice: int
+    first: int
+    last: int
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+
 def forget_merged_chunks(conn: psycopg.Connection, run_id: int, level: str, slice_index: int) -> None:
     """Forgets which chunks of a slice were merged early: a re-run of its pull numbers them anew.
 
@@ -508,23 +524,27 @@ def forget_merged_chunks(conn: psycopg.Connection, run_id: int, level: str, slic
     )
 
 
-def _merged_early(conn: psycopg.Connection, run_id: int, level: str) -> list[dict[str, Any]]:
-    """The counts of the level's chunks merged while it was pulled, in this run."""
+def _merged_early(conn: psycopg.Connection, run_id: int, level: str) -> list[tuple[dict[str, Any], int]]:
+    """The counts of each early merge of the level in this run, with how many chunks it took."""
     rows = conn.execute(
-        "SELECT counts FROM medsync.early_merge_chunk WHERE run_id = %s AND level = %s ORDER BY slice, chunk",
+        "SELECT counts, last_chunk - first_chunk + 1 FROM medsync.early_merge_chunk"
+        " WHERE run_id = %s AND level = %s ORDER BY slice, first_chunk",
         (run_id, level),
     ).fetchall()
-    return [dict(row[0]) for row in rows]
+    return [(dict(row[0]), int(row[1])) for row in rows]
 
 
-def _staged_rows(stage: sql.Identifier, *, chunk: tuple[int, int] | None, leave_out_merged: bool) -> sql.Composable:
-    """The relation of staged rows a merge takes: all, one chunk, or all but the chunks merged early."""
-    if chunk is not None:
-        return sql.SQL("(SELECT * FROM {} WHERE slice = %(slice)s AND chunk = %(chunk)s) staged").format(stage)
+def _staged_rows(stage: sql.Identifier, *, chunks: Chunks | None, leave_out_merged: bool) -> sql.Composable:
+    """The relation of staged rows a merge takes: all, some chunks, or all but the chunks merged early."""
+    if chunks is not None:
+        return sql.SQL(
+            "(SELECT * FROM {} WHERE slice = %(slice)s AND chunk BETWEEN %(first_chunk)s AND %(last_chunk)s) staged"
+        ).format(stage)
     if leave_out_merged:
         return sql.SQL(
             "(SELECT * FROM {} s WHERE NOT EXISTS (SELECT 1 FROM medsync.early_merge_chunk m"
-            " WHERE m.run_id = %(run)s AND m.level = %(level)s AND m.slice = s.slice AND m.chunk = s.chunk)) staged"
+            " WHERE m.run_id = %(run)s AND m.level = %(level)s AND m.slice = s.slice"
+            " AND s.chunk BETWEEN m.first_chunk AND m.last_chunk)) staged"
         ).format(stage)
     return stage
 
@@ -541,15 +561,15 @@ def merge_level(
     connect: Callable[[], psycopg.Connection] | None = None,
     parent_lookup: str = "source_key",
     child_lookup: str = "source_key",
-    chunk: tuple[int, int] | None = None,
+    chunks: Chunks | None = None,
     refuse_older_than_a: bool = False,
 ) -> MergeCounts:
     """Merges this run's staging table (and the level's pending records) into A.
 
-    ``chunk`` (slice, chunk number): merge only that committed chunk of the staging table, while
-    the level is still pulled (``medsync.early_merge``), without the pending records; the chunk
-    is then recorded as merged with its counts. Without it, the merge leaves out the chunks
-    merged early and adds their counts to its own.
+    ``chunks``: merge only those committed chunks of the staging table, while the level is still
+    pulled (``medsync.early_merge``), without the pending records; they are then recorded as
+    merged, with the merge's counts. Without it, the merge leaves out the chunks merged early
+    and adds their counts to its own.
 
     ``refuse_older_than_a`` (a full refresh): when any record is older than what A holds of it
     (the source went back in time), raises ``SourceBehindError`` with how many, before any
@@ -578,20 +598,20 @@ def merge_level(
             f"staging table for {source}/{level} of run {run_id} is missing "
             "(the database restarted, or the pull did not run): clear the pull task to re-run it"
         )
-    work = work_table(source, level, run_id, early=chunk is not None)
+    work = work_table(source, level, run_id, early=chunks is not None)
     if parent_lookup not in ("source_key", *(spec(s.parent_level).column_names if s.parent_level else ())):
         raise MergeError(f"{level}: parents cannot be looked up by {parent_lookup!r}")
     if child_lookup not in ("source_key", *(s.column_names if s.child_level else ())):
         raise MergeError(f"{level}: its children cannot look it up by {child_lookup!r}")
     params: dict[str, Any] = {"src": source, "level": level, "run": run_id}
-    if chunk is not None:
-        params.update(slice=chunk[0], chunk=chunk[1])
+    if chunks is not None:
+        params.update(slice=chunks.slice, first_chunk=chunks.first, last_chunk=chunks.last)
     counts = MergeCounts()
     with source_lock(conn, source, lock_timeout_seconds):
-        early = _merged_early(conn, run_id, level) if chunk is None else []
+        early = _merged_early(conn, run_id, level) if chunks is None else []
         q = _Sql(
-            s, _staged_rows(stage, chunk=chunk, leave_out_merged=bool(early)), work, parent_lookup,
-            with_pending=chunk is None,
+            s, _staged_rows(stage, chunks=chunks, leave_out_merged=bool(early)), work, parent_lookup,
+            with_pending=chunks is None,
         )  # fmt: skip
         try:
             batches = _build_work(conn, q, params, _rows_per_batch(conn, q, params, batch_size, sessions), counts)
@@ -599,10 +619,10 @@ def merge_level(
                 raise SourceBehindError(source_behind_message(source, {level: older}))
             counts.build_seconds = time.monotonic() - started
             more = [connect] * (min(sessions, batches) - 1) if connect is not None else []
-            _run_batches(conn, q, params, more=more, batches=batches, counts=counts, expecting_new=chunk is not None)
-            if chunk is not None:
+            _run_batches(conn, q, params, more=more, batches=batches, counts=counts, expecting_new=chunks is not None)
+            if chunks is not None:
                 counts.seconds = time.monotonic() - started
-                _record_merged_chunk(conn, run_id, level, chunk, counts)
+                _record_merged_chunks(conn, run_id, level, chunks, counts)
                 return counts
             if child_lookup != "source_key" and batches:
                 # After every batch committed: a UID's old and new rows may sit in batches of
@@ -613,8 +633,8 @@ def merge_level(
                 counts.quarantine_resolved += _resolve_superseded_quarantine(conn, s, params)
         finally:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(work))
-    for figures in early:
-        counts.add_early(figures)
+    for figures, merged_chunks in early:
+        counts.add_early(figures, merged_chunks)
     counts.seconds = time.monotonic() - started
     log.info(
         "merged %s: %d candidates in %d batches (%d sessions): %d inserted, %d updated (%d deleted, %d undeleted), "
@@ -627,17 +647,17 @@ def merge_level(
     return counts
 
 
-def _record_merged_chunk(
-    conn: psycopg.Connection, run_id: int, level: str, chunk: tuple[int, int], counts: MergeCounts
+def _record_merged_chunks(
+    conn: psycopg.Connection, run_id: int, level: str, chunks: Chunks, counts: MergeCounts
 ) -> None:
-    """Records a chunk as merged, with its counts (after its batches committed: a chunk whose merge
-    died before this is simply merged again by the merge task, which converges)."""
+    """Records chunks as merged, with their merge's counts (after its batches committed: chunks whose
+    merge died before this are simply merged again by the merge task, which converges)."""
     from psycopg.types.json import Jsonb
 
     conn.execute(
-        "INSERT INTO medsync.early_merge_chunk (run_id, level, slice, chunk, counts) VALUES (%s, %s, %s, %s, %s)"
-        " ON CONFLICT (run_id, level, slice, chunk) DO UPDATE SET counts = excluded.counts, merged_at = now()",
-        (run_id, level, chunk[0], chunk[1], Jsonb(counts.as_dict())),
+        "INSERT INTO medsync.early_merge_chunk (run_id, level, slice, first_chunk, last_chunk, counts)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (run_id, level, chunks.slice, chunks.first, chunks.last, Jsonb(counts.as_dict())),
     )
 
 

@@ -161,7 +161,7 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
         merger = early_merge.EarlyMerger(
             connect=lambda: connect_a(cfg), source=source, level=level, run_id=run_id, slice_index=slice_index,
             batch_size=cfg.merge_batch_size, lock_timeout_seconds=cfg.lock_timeout_seconds,
-            parent_lookup=src.parent_link(level).column,
+            parent_lookup=src.parent_link(level).column, sessions=cfg.merge_sessions,
         ) if merging else None  # fmt: skip
         if merging:
             staging.index_chunks(conn, source, level, run_id)

@@ -995,19 +995,23 @@ def _older_than_a(conn: psycopg.Connection, q: _Sql, params: dict[str, Any]) -> 
     would decide ``stale`` (the same comparison), counted before any batch runs."""
     if holds_nothing_of_the_source(conn, params["src"], q.s.level):
         return 0  # a first load: nothing in A to be older than
-    row = conn.execute(
-        sql.SQL(
-            """
-            SELECT count(*) FROM {work} w
-            WHERE w.source_updated_at < GREATEST(
-                (SELECT a.source_updated_at FROM {table} a
-                 WHERE a.source_system = %(src)s AND a.source_key = w.source_key),
-                (SELECT t.source_updated_at FROM medsync.tombstone t
-                 WHERE t.source_system = %(src)s AND t.level = %(level)s AND t.source_key = w.source_key))
-            """
-        ).format(work=q.work, table=q.table),
-        params,
-    ).fetchone()
+    with conn.transaction():
+        # A full refresh compares every record: joined whole (hash joins, one pass over the source's
+        # rows of A), not probed record by record (about 5 s for a million records against 1 s).
+        conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(BUILD_WORK_MEM)))
+        conn.execute("SET LOCAL enable_nestloop = off")
+        row = conn.execute(
+            sql.SQL(
+                """
+                SELECT count(*) FROM {work} w
+                LEFT JOIN {table} a ON a.source_system = %(src)s AND a.source_key = w.source_key
+                LEFT JOIN medsync.tombstone t
+                       ON t.source_system = %(src)s AND t.level = %(level)s AND t.source_key = w.source_key
+                WHERE w.source_updated_at < GREATEST(a.source_updated_at, t.source_updated_at)
+                """
+            ).format(work=q.work, table=q.table),
+            params,
+        ).fetchone()
     return int(row[0]) if row else 0
 
 

@@ -332,10 +332,22 @@ def key_path(loc: tuple[int | str, ...], document: object) -> str:
     return ".".join(parts)
 
 
+_YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data, as ``yaml.safe_load`` reads it.
+
+    With libyaml's parser when PyYAML was built with it: about ten times faster than the pure
+    Python one, and every task reads its source's config and mapping (60 ms of a small pull).
+    """
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)  # noqa: S506 (a safe loader)
+
+
 def load_yaml_model(path: Path, model: type[_M], what: str) -> _M:
     """Reads a YAML file into a pydantic model; every error names the file and the field."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path)
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc}") from exc
     if not isinstance(raw, dict):

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from medsync.config import LEVELS
+from medsync.config import LEVELS, read_yaml
 from medsync.errors import MappingError
 from medsync.levels import spec
 
@@ -131,7 +131,7 @@ def parse_mapping(raw: object, where: str = "mapping") -> Mapping:
 
 def load_mapping(path: Path) -> Mapping:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path)
     except (OSError, yaml.YAMLError) as exc:
         raise MappingError(f"{path}: cannot read mapping: {exc}") from exc
     mapping = parse_mapping(raw, where=str(path))

@@ -662,37 +662,35 @@ def pull_vs_floor(pairs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def full_load_bound(loads: dict[str, Any]) -> dict[str, Any]:
+def full_load_bound(loads: dict[str, Any], cores: int) -> dict[str, Any]:
     """The least a full load can take here (see ``bounds``), from one catalogue's floor and full load."""
     fl, full = loads["floor"], loads["full_load"]
-    instance = full["levels"]["instance"]
-    inserts = instance["merge_write_seconds"] / instance["merge_sessions"]
-    least = fl["instance_seconds"] + inserts
+    work = full["cpu"].get("machine_cpu_seconds") or 0.0
+    least = max(fl["instance_seconds"], work / cores)
     return {
         "instance_floor_seconds": fl["instance_seconds"],
-        "insert_seconds": inserts,
+        "cpu_work_core_seconds": work,
+        "cores": cores,
         "min_seconds": least,
         "min_ratio": least / fl["seconds"],
-        "left_seconds": 1.5 * fl["seconds"] - least,
-        "rest_seconds": full["seconds"] - least,
+        "work_at_1_5x_core_seconds": 1.5 * fl["seconds"] * cores,
     }
 
 
 def bounds(r: dict[str, Any]) -> dict[str, Any]:
     """What this machine allows the full load to floor ratio, and the naive baseline, from figures of the same run.
 
-    ``full_load`` (and ``c_full_load``, C's): a level is merged after its pull (the DAG's
-    order), so a full load takes at least the instance level's floor plus the time it takes to
-    insert the instance rows into A's table; ``insert_seconds`` is the full load's own (its
-    merge sessions' seconds inside ``INSERT INTO imaging.instance``, over the number of
-    sessions). ``min_ratio`` is their sum over the floor, and ``left_seconds`` what a 1.5x full
-    load would leave for everything else: validating, mapping, deduplicating, resolving
-    parents, deciding. ``naive``: no sync is faster than the floor of the same catalogue, so
-    ``max_speed_up`` is the most any sync can be faster than the naive baseline.
+    ``full_load`` (and ``c_full_load``, C's): the instances are merged while they are pulled
+    (``medsync.early_merge``), so a full load takes at least the instance level's floor, and at
+    least the CPU work the machine did for it (simulator, tasks, PostgreSQL) spread over its
+    cores with none ever idle; ``min_ratio`` is the larger over the floor, and
+    ``work_at_1_5x_core_seconds`` the most work a 1.5x full load could do on these cores.
+    ``naive``: no sync is faster than the floor of the same catalogue, so ``max_speed_up`` is
+    the most any sync can be faster than the naive baseline.
     """
     naive = r["naive"]
     out = {
-        "full_load": full_load_bound(r),
+        "full_load": full_load_bound(r, r["machine"]["cpus"]),
         "naive": {
             "naive_seconds": naive["naive"]["seconds"],
             "floor_seconds": naive["floor"]["seconds"],
@@ -700,7 +698,7 @@ def bounds(r: dict[str, Any]) -> dict[str, Any]:
         },
     }
     if "full_load" in r["c"]:
-        out["c_full_load"] = full_load_bound(r["c"])
+        out["c_full_load"] = full_load_bound(r["c"], r["machine"]["cpus"])
     return out
 
 

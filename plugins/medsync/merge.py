@@ -246,11 +246,13 @@ class _Sql:
         # One index probe per record, whatever the statistics say: a first load grows A's
         # table faster than ANALYZE runs, and a join planned on stale statistics scanned
         # the whole table for every batch. (source_system, source_key) is unique, so
-        # LIMIT 1 changes no result; it only keeps the lookup a lookup.
-        probed = sql.SQL(
+        # LIMIT 1 changes no result; it only keeps the lookup a lookup. ``{only}`` limits
+        # which records A is probed for.
+        probes = sql.SQL(
             """
             LEFT JOIN LATERAL (
-                SELECT * FROM {table} a0 WHERE a0.source_system = %(src)s AND a0.source_key = w.source_key
+                SELECT * FROM {table} a0
+                WHERE {only} a0.source_system = %(src)s AND a0.source_key = w.source_key
                 LIMIT 1
             ) a ON true
             LEFT JOIN LATERAL (
@@ -259,25 +261,13 @@ class _Sql:
                 LIMIT 1
             ) t ON true
             """
-        ).format(table=self.table)
+        )
+        probed = probes.format(table=self.table, only=sql.SQL(""))
         # A chunk merged while its level is pulled (a first load of it, medsync.early_merge) expects
         # its live records to be new to A: A is probed for its tombstones only. A live record that A
         # has after all (it changed while the level was pulled, so an earlier chunk brought it)
         # fails the batch's insert on A's unique key, and the batch is then decided with ``probed``.
-        probed_for_tombstones = sql.SQL(
-            """
-            LEFT JOIN LATERAL (
-                SELECT * FROM {table} a0
-                WHERE w.deleted AND a0.source_system = %(src)s AND a0.source_key = w.source_key
-                LIMIT 1
-            ) a ON true
-            LEFT JOIN LATERAL (
-                SELECT t0.source_updated_at FROM medsync.tombstone t0
-                WHERE t0.source_system = %(src)s AND t0.level = %(level)s AND t0.source_key = w.source_key
-                LIMIT 1
-            ) t ON true
-            """
-        ).format(table=self.table)
+        probed_for_tombstones = probes.format(table=self.table, only=sql.SQL("w.deleted AND"))
         # A level that holds no row and no tombstone of the source (a first load) has nothing to
         # probe: the same decisions with every probe empty, which is what these joins give.
         unprobed = sql.SQL("LEFT JOIN {table} a ON false LEFT JOIN medsync.tombstone t ON false").format(

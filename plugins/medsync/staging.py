@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import Counter
@@ -40,6 +41,14 @@ log = logging.getLogger(__name__)
 QUARANTINE_RETRY_CHUNK = 1000
 READ_AHEAD_PAGES = 2
 """Pages fetched ahead of the one being staged (memory: this many pages more)."""
+READ_AHEAD_SWITCH_SECONDS = 0.0005
+"""The interpreter's thread switch interval while pages are read ahead (Python's default: 5 ms).
+
+The thread fetching the next page gives up the GIL at every socket read and must get it back
+from the thread staging the previous page, which hands it over only once per switch interval.
+At 5 ms, the reads of one page wait longer than the source takes to serve it, so fetching and
+staging take turns instead of overlapping: a 1M-instance pull alone took 14.9 s at 5 ms and
+11.2 s at 0.5 ms, against 9.1-9.8 s for the floor's fetch and COPY (docs/benchmarks.md)."""
 
 T = TypeVar("T")
 
@@ -198,6 +207,9 @@ def read_ahead(items: Iterable[T], depth: int = READ_AHEAD_PAGES) -> Iterator[T]
     turn. An exception of the producer is raised here, where its item would have come. When
     the caller stops early, the thread stops after the item it is producing (and closes
     ``items`` if it is a generator).
+
+    While the thread runs, the process's thread switch interval is
+    ``READ_AHEAD_SWITCH_SECONDS`` (it is restored after); a pull is a process of its own.
     """
     handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -227,6 +239,8 @@ def read_ahead(items: Iterable[T], depth: int = READ_AHEAD_PAGES) -> Iterator[T]
                 close()
 
     producer = threading.Thread(target=produce, name="medsync-read-ahead", daemon=True)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch_interval, READ_AHEAD_SWITCH_SECONDS))
     producer.start()
     try:
         while True:
@@ -239,6 +253,7 @@ def read_ahead(items: Iterable[T], depth: int = READ_AHEAD_PAGES) -> Iterator[T]
     finally:
         stop.set()
         producer.join()
+        sys.setswitchinterval(switch_interval)
 
 
 def _open_quarantine(conn: psycopg.Connection, source: str, level: str) -> Iterator[list[object]]:

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -110,6 +111,29 @@ def test_an_error_that_may_quote_a_record_is_recorded_by_class_only(a_db: str) -
     assert error_class == "InvalidDatetimeFormat"
     assert "MRN-4471-SECRET" not in message and "22007" in message
     assert permanent is False
+
+
+def test_a_database_error_leaves_a_task_without_the_record_it_quotes(a_db: str) -> None:
+    # Airflow prints a task's exception in the task log: DETAIL would say "Failing row contains
+    # (MRN-..., Roe^Richard, ...)", a data error quotes the value it could not read.
+    failing: list[tuple[str, tuple[object, ...] | None, type[psycopg.Error], str]] = [
+        ("INSERT INTO patient VALUES ('MRN-5582-SECRET', 'Roe^Richard', NULL)", None,
+         psycopg.errors.NotNullViolation, 'null value in column "born"'),
+        ("INSERT INTO patient VALUES ('MRN-4471-SECRET', 'Doe^Jane', '1961-04-02')", None,
+         psycopg.errors.UniqueViolation, "constraint patient_pkey"),
+        ("SELECT 'MRN-4471-SECRET'::date", None, psycopg.errors.InvalidDatetimeFormat, "SQLSTATE 22007"),
+        ("SELECT %s, %s", ("MRN-4471-SECRET",), psycopg.ProgrammingError, "ProgrammingError;"),  # the client's
+    ]  # fmt: skip
+    with psycopg.connect(a_db, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE patient (mrn text PRIMARY KEY, name text, born date NOT NULL)")
+        conn.execute("INSERT INTO patient VALUES ('MRN-4471-SECRET', 'Doe^Jane', '1961-04-02')")
+        for statement, params, expected, says in failing:
+            with pytest.raises(expected) as caught, failures.fail_fast():
+                conn.execute(statement, params)
+            printed = "".join(traceback.format_exception(caught.value))
+            assert "MRN-" not in printed and "Doe" not in printed and "Roe" not in printed, printed
+            assert says in printed
+            assert caught.value.diag.message_primary or not caught.value.diag.sqlstate  # still there for code
 
 
 # --- config: timeouts, alerts -----------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 - ``fail_fast`` wraps every task body: a permanent ``MedsyncError`` (``errors.is_permanent``)
   becomes Airflow's ``AirflowFailException`` with the same message, so the task fails at
-  once instead of sitting out its retries; anything else is left to Airflow's retries.
+  once instead of sitting out its retries; anything else is left to Airflow's retries. A
+  database error leaves it with its text cut to what cannot quote a record
+  (``database_error_text``), as it is about to be printed in the task log.
 - ``task_failed`` is every task's ``on_failure_callback`` (called once the task has failed
   for good, in the task's process, or by Airflow for a task whose process died): it marks
   the run ``failed`` in ``medsync.sync_run`` with the task, the error's class and message,
@@ -38,11 +40,42 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# SQLSTATE classes whose primary message names the server, a lock or a constraint, never a value:
+# connection, resources, operator intervention (timeouts), rollbacks (deadlocks), locks,
+# integrity (the values are in DETAIL), syntax and access. A data exception's (22) quotes the
+# value it could not read; a trigger's RAISE (P0) says whatever it was written to say.
+_PRIMARY_MESSAGE_SAFE = frozenset({"08", "23", "40", "42", "53", "55", "57"})
+
+
+def database_error_text(exc: psycopg.Error) -> str:
+    """A database error's text without record contents: class, SQLSTATE, the table, column and
+    constraint it names, and its primary message where that cannot quote a value. DETAIL and
+    CONTEXT ("Failing row contains (...)", "Key (...)=(...)", "COPY ..., line 3: ...") never."""
+    diag = exc.diag
+    sqlstate = diag.sqlstate
+    text = f"{type(exc).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(exc).__name__
+    if sqlstate is None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        first_line = str(exc).partition("\n")[0]
+        text += f": {first_line}"  # the client's own words on a connection that failed
+    elif sqlstate and sqlstate[:2] in _PRIMARY_MESSAGE_SAFE and diag.message_primary:
+        text += f": {diag.message_primary}"
+    for label, name in (("table", diag.table_name), ("column", diag.column_name), ("constraint", diag.constraint_name)):
+        if name:
+            text += f"; {label} {name}"
+    return text + "; DETAIL and CONTEXT not shown (they may quote a record)"
+
+
 @contextmanager
 def fail_fast() -> Iterator[None]:
-    """Turns a permanent ``MedsyncError`` raised in the block into ``AirflowFailException`` (no retries)."""
+    """Turns a permanent ``MedsyncError`` raised in the block into ``AirflowFailException`` (no retries);
+    a database error leaves the block with its text cut to ``database_error_text``."""
     try:
         yield
+    except psycopg.Error as exc:
+        # Same exception, class and traceback (Airflow retries it as before); only the text that
+        # Airflow prints with the traceback changes, as a DETAIL may carry a name or an MRN.
+        exc.args = (database_error_text(exc),)
+        raise
     except MedsyncError as exc:
         if not is_permanent(exc):
             raise

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from medsync.config import get_source_config
+from medsync.config import LEVELS, get_source_config
 from medsync.errors import ConfigError
 from medsync.sources import open_source, validate_api
 from medsync.sources.base import DeletionMode, ParentLink
@@ -349,6 +349,18 @@ def test_a_level_may_override_key_version_window_and_order() -> None:
     assert (api.level_order("study"), api.level_order("subject")) == ("unsorted", "version_ascending")
     assert api.level_key("subject").path == "uuid" and api.level_window("subject").sends("until")
     assert api.feed().order == "version_ascending" and api.feed_window() == api.window
+
+
+def test_a_key_that_names_a_patient_is_declared_so_and_the_source_says_it() -> None:
+    # B's and C's keys are their own ids; a REST source keyed by MRN declares it, level by level.
+    assert not any(open_source(get_source_config(name)).keys_identify_patients(level)
+                   for name in ("b", "c") for level in LEVELS)  # fmt: skip
+    section = b_api()
+    section["levels"]["subject"]["key"] = {"path": "mrn", "identifies_patient": True}
+    cfg = get_source_config("b").model_copy(update={"api": section})
+    source = open_source(cfg)
+    assert [level for level in LEVELS if source.keys_identify_patients(level)] == ["subject"]
+    assert "identifies_patient" in refused({**b_api(), "key": {"path": "id", "identifies_patient": "maybe"}})
 
 
 def test_key_version_and_window_may_be_given_per_level_only() -> None:

@@ -37,6 +37,10 @@ class RestSource(Source):
             return DeletionMode.NONE
         return DeletionMode.INLINE
 
+    def keys_identify_patients(self, level: str) -> bool:
+        """What the level's ``key`` says (``identifies_patient``); B's and C's keys are their own ids."""
+        return self.api.level_key(level).identifies_patient
+
     @property
     def has_counts(self) -> bool:
         return self.api.counts is not None

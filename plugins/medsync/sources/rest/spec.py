@@ -189,6 +189,9 @@ class KeySpec(_Spec):
     """``uuid``: must be lower-case UUID text (36 characters), else the record is held back."""
     max_length: int | None = Field(default=None, ge=1)
     """The longest key the source's contract allows; a longer one holds the record back."""
+    identifies_patient: bool = False
+    """True when the key names a patient outside the source (an MRN, a national id): it is PHI,
+    and the medsync page shows it masked (``Source.keys_identify_patients``)."""
 
     @model_validator(mode="after")
     def _uuid_is_text(self) -> KeySpec:

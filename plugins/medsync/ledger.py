@@ -130,6 +130,40 @@ def level_merged(conn: psycopg.Connection, run_id: int, level: str) -> bool:
     return row is None or bool(row[0])
 
 
+def record_merged_chunks(
+    conn: psycopg.Connection, run_id: int, level: str, *, chunks: tuple[int, int, int], counts: dict[str, Any]
+) -> None:
+    """Records ``chunks`` (slice, first, last) as merged while pulled, with their merge's counts
+    (after its batches committed: chunks whose merge died before this are simply merged again by
+    the merge task, which converges)."""
+    conn.execute(
+        "INSERT INTO medsync.early_merge_chunk (run_id, level, slice, first_chunk, last_chunk, counts)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (run_id, level, *chunks, Jsonb(counts)),
+    )
+
+
+def merged_early(conn: psycopg.Connection, run_id: int, level: str) -> list[tuple[dict[str, Any], int]]:
+    """The counts of each early merge of the level in this run, with how many chunks it took."""
+    rows = conn.execute(
+        "SELECT counts, last_chunk - first_chunk + 1 FROM medsync.early_merge_chunk"
+        " WHERE run_id = %s AND level = %s ORDER BY slice, first_chunk",
+        (run_id, level),
+    ).fetchall()
+    return [(dict(row[0]), int(row[1])) for row in rows]
+
+
+def forget_merged_chunks(conn: psycopg.Connection, run_id: int, level: str, slice_index: int) -> None:
+    """Forgets which chunks of a slice were merged early: a new pull of the slice numbers them anew.
+
+    Their rows stay in A (the merge task decides the re-pulled rows against them, as always).
+    """
+    conn.execute(
+        "DELETE FROM medsync.early_merge_chunk WHERE run_id = %s AND level = %s AND slice = %s",
+        (run_id, level, slice_index),
+    )
+
+
 def add_to_report(conn: psycopg.Connection, run_id: int, part: dict[str, Any]) -> dict[str, Any]:
     """Merges ``part`` into the run's report (top-level keys) and returns the whole report."""
     row = conn.execute(

@@ -41,7 +41,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from medsync import live_count
+from medsync import ledger, live_count
 from medsync.errors import MergeError, SourceBehindError
 from medsync.levels import SPECS, LevelSpec, spec, staged_columns
 from medsync.locks import source_lock
@@ -103,15 +103,13 @@ class MergeCounts:
 
     def add_early(self, early: dict[str, Any], chunks: int) -> None:
         """Adds the figures of ``chunks`` chunks merged early in one merge (its ``as_dict``) to the level's."""
-        for name in self._ADDED:
-            setattr(self, name, getattr(self, name) + early[name])
+        self.add(MergeCounts(**{name: early[name] for name in self._ADDED},
+                             cascaded={level: Counter(c) for level, c in early["cascaded"].items()}))  # fmt: skip
         self.candidates += early["candidates"]
         self.early_chunks += chunks
         self.early_merges += 1
         self.early_candidates += early["candidates"]
         self.early_seconds += early["seconds"]
-        for level, c in early["cascaded"].items():
-            self.cascaded.setdefault(level, Counter()).update(c)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "cascaded"}
@@ -503,27 +501,6 @@ class Chunks:
         return self.last - self.first + 1
 
 
-def forget_merged_chunks(conn: psycopg.Connection, run_id: int, level: str, slice_index: int) -> None:
-    """Forgets which chunks of a slice were merged early: a re-run of its pull numbers them anew.
-
-    Their rows stay in A (the merge task decides the re-pulled rows against them, as always).
-    """
-    conn.execute(
-        "DELETE FROM medsync.early_merge_chunk WHERE run_id = %s AND level = %s AND slice = %s",
-        (run_id, level, slice_index),
-    )
-
-
-def _merged_early(conn: psycopg.Connection, run_id: int, level: str) -> list[tuple[dict[str, Any], int]]:
-    """The counts of each early merge of the level in this run, with how many chunks it took."""
-    rows = conn.execute(
-        "SELECT counts, last_chunk - first_chunk + 1 FROM medsync.early_merge_chunk"
-        " WHERE run_id = %s AND level = %s ORDER BY slice, first_chunk",
-        (run_id, level),
-    ).fetchall()
-    return [(dict(row[0]), int(row[1])) for row in rows]
-
-
 def _staged_rows(stage: sql.Identifier, *, chunks: Chunks | None, leave_out_merged: bool) -> sql.Composable:
     """The relation of staged rows a merge takes: all, some chunks, or all but the chunks merged early."""
     if chunks is not None:
@@ -598,7 +575,7 @@ def merge_level(
         params.update(slice=chunks.slice, first_chunk=chunks.first, last_chunk=chunks.last)
     counts = MergeCounts()
     with source_lock(conn, source, lock_timeout_seconds):
-        early = _merged_early(conn, run_id, level) if chunks is None else []
+        early = ledger.merged_early(conn, run_id, level) if chunks is None else []
         q = _Sql(
             s, _staged_rows(stage, chunks=chunks, leave_out_merged=bool(early)), work, parent_lookup,
             with_pending=chunks is None,
@@ -612,7 +589,8 @@ def merge_level(
             _run_batches(conn, q, params, more=more, batches=batches, counts=counts, expecting_new=chunks is not None)
             if chunks is not None:
                 counts.seconds = time.monotonic() - started
-                _record_merged_chunks(conn, run_id, level, chunks, counts)
+                ledger.record_merged_chunks(conn, run_id, level, chunks=(chunks.slice, chunks.first, chunks.last),
+                                            counts=counts.as_dict())  # fmt: skip
                 return counts
             if child_lookup != "source_key" and batches:
                 # After every batch committed: a UID's old and new rows may sit in batches of
@@ -637,20 +615,6 @@ def merge_level(
     return counts
 
 
-def _record_merged_chunks(
-    conn: psycopg.Connection, run_id: int, level: str, chunks: Chunks, counts: MergeCounts
-) -> None:
-    """Records chunks as merged, with their merge's counts (after its batches committed: chunks whose
-    merge died before this are simply merged again by the merge task, which converges)."""
-    from psycopg.types.json import Jsonb
-
-    conn.execute(
-        "INSERT INTO medsync.early_merge_chunk (run_id, level, slice, first_chunk, last_chunk, counts)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (run_id, level, chunks.slice, chunks.first, chunks.last, Jsonb(counts.as_dict())),
-    )
-
-
 def _rows_per_batch(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], batch_size: int, sessions: int) -> int:
     """``batch_size``, or less so that a merge of a few batches' worth still keeps every session busy.
 
@@ -667,15 +631,20 @@ def _rows_per_batch(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], b
     return min(batch_size, max(MIN_SHARED_BATCH, -(-records // sessions)))
 
 
+def _hash_joins_in_memory(conn: psycopg.Connection) -> None:
+    """For the rest of the transaction: the work table's joins as hash joins, in memory."""
+    # One statement sorts and hashes the whole load: at the default 4 MB it spilled to disk.
+    conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(BUILD_WORK_MEM)))
+    # Unanalysed staging makes the planner expect ~200 deduplicated records, and a nested
+    # loop over the parents then costs records x parents; the joins here are hash joins.
+    conn.execute("SET LOCAL enable_nestloop = off")
+
+
 def _build_work(conn: psycopg.Connection, q: _Sql, params: dict[str, Any], batch_size: int, counts: MergeCounts) -> int:
     """The work table (deduplicated, parents resolved, numbered in batches); returns the number of batches."""
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(q.work))
     with conn.transaction():
-        # One statement sorts and hashes the whole load: at the default 4 MB it spilled to disk.
-        conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(BUILD_WORK_MEM)))
-        # Unanalysed staging makes the planner expect ~200 deduplicated records, and a nested
-        # loop over the parents then costs records x parents; the joins here are hash joins.
-        conn.execute("SET LOCAL enable_nestloop = off")
+        _hash_joins_in_memory(conn)
         # Its row count is the number of records; they are numbered 0.. in key order, so the
         # batches are that many over batch_size (no count of the table afterwards).
         counts.candidates = conn.execute(q.build_work, {**params, "batch": batch_size}).rowcount
@@ -988,8 +957,7 @@ def _older_than_a(conn: psycopg.Connection, q: _Sql, params: dict[str, Any]) -> 
     with conn.transaction():
         # A full refresh compares every record: joined whole (hash joins, one pass over the source's
         # rows of A), not probed record by record (about 5 s for a million records against 1 s).
-        conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(BUILD_WORK_MEM)))
-        conn.execute("SET LOCAL enable_nestloop = off")
+        _hash_joins_in_memory(conn)
         row = conn.execute(
             sql.SQL(
                 """

@@ -30,6 +30,7 @@ import psycopg
 from psycopg import sql
 from uuid_utils import uuid7
 
+from medsync import ledger
 from medsync.errors import RunParamsError
 from medsync.levels import STAGE_FIXED_COLUMNS, staged_columns
 from medsync.schema import MEDSYNC_LOCK_CLASS, SCHEMA
@@ -107,20 +108,17 @@ def ensure_staging_table(conn: psycopg.Connection, source: str, level: str, run_
     return table
 
 
-def index_chunks(conn: psycopg.Connection, source: str, level: str, run_id: int) -> None:
-    """Indexes the level's staging table by (slice, chunk), so that a chunk is read without a scan.
-
-    For merging while pulling (``medsync.early_merge``): each chunk merged while the table grows
-    would otherwise scan the whole table, a cost that grows with the square of the load. Call it
-    before the table's rows are staged (an index kept as rows arrive costs far less than one
-    built afterwards, and chunks' keys only grow, so the index only ever appends).
-    """
-    table = ensure_staging_table(conn, source, level, run_id)
-    conn.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (slice, chunk)").format(
-            sql.Identifier(f"{staging_table_name(source, level, run_id)}_chunk"), table
-        )
-    )
+def _start_slice(
+    conn: psycopg.Connection, source: str, level: str, run_id: int, slice_index: int, *, index_chunks: bool
+) -> None:
+    """Empties a slice for a new pull of it (its chunks are numbered anew, so the record of those
+    merged early goes too), and with ``index_chunks`` indexes the staging table by (slice, chunk)."""
+    table = staging_table(source, level, run_id)
+    conn.execute(sql.SQL("DELETE FROM {} WHERE slice = %s").format(table), (slice_index,))
+    ledger.forget_merged_chunks(conn, run_id, level, slice_index)
+    if index_chunks:
+        name = sql.Identifier(f"{staging_table_name(source, level, run_id)}_chunk")
+        conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (slice, chunk)").format(name, table))
 
 
 def _column_types(conn: psycopg.Connection, table: sql.Identifier, columns: Iterable[str]) -> list[int]:
@@ -313,9 +311,13 @@ def pull_level(
     far, the rate, and, given ``expected_records`` (what the source's counts say the window
     holds), about how many records and seconds are left.
 
-    Each commit is a chunk of the slice, numbered from 1 in the staged rows' ``chunk`` column;
+    Each commit is a chunk of the slice, numbered from 1 in the staged rows' ``chunk`` column,
+    so an earlier pull's record of the slice's chunks merged early is forgotten first.
     ``chunk_committed`` is told each chunk's number once it is committed (merging while
-    pulling, ``medsync.early_merge``).
+    pulling, ``medsync.early_merge``); the staging table is then indexed by (slice, chunk) before
+    any row is staged: each chunk merged while the table grows is read without a scan (a cost that
+    grows with the square of the load), and an index kept as rows arrive costs far less than one
+    built afterwards (chunks' keys only grow: it only ever appends).
     """
     started = time.monotonic()
     counts = PullCounts()
@@ -325,7 +327,7 @@ def pull_level(
     quarantine = _Quarantine(source, level, run_id)
     chunk_numbers = itertools.count(1)
 
-    conn.execute(sql.SQL("DELETE FROM {} WHERE slice = %s").format(table), (slice_index,))
+    _start_slice(conn, source, level, run_id, slice_index, index_chunks=chunk_committed is not None)
 
     def stage(stream: Iterator[tuple[object, StagedRecord | RecordRejected]], from_quarantine: bool) -> None:
         exhausted = False

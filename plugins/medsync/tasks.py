@@ -139,7 +139,7 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
 
     A first load of the instances is also merged chunk by chunk meanwhile (``medsync.early_merge``).
     """
-    from medsync import early_merge, merge, snapshot, staging
+    from medsync import early_merge, snapshot, staging
 
     cfg = get_source_config(source)
     parser = record_parser(cfg)
@@ -152,19 +152,14 @@ def pull(source: str, level: str, run_id: int, slice_index: int = 0, slices: int
         run = ledger.get_run(conn, run_id)
         full_refresh = run.run_type == FULL_REFRESH
         src = open_source(cfg)
-        # This attempt numbers its chunks anew: an earlier attempt's merged chunks are history.
-        merge.forget_merged_chunks(conn, run_id, level, slice_index)
-        merging = early_merge.applies(
-            conn, enabled=cfg.merge_while_pulling, source=source, level=level, slices=slices,
-            dry_run=bool(run.options.get("dry_run")),
-        )  # fmt: skip
-        merger = early_merge.EarlyMerger(
-            connect=lambda: connect_a(cfg), source=source, level=level, run_id=run_id, slice_index=slice_index,
-            batch_size=cfg.merge_batch_size, lock_timeout_seconds=cfg.lock_timeout_seconds,
-            parent_lookup=src.parent_link(level).column, sessions=cfg.merge_sessions,
-        ) if merging else None  # fmt: skip
-        if merging:
-            staging.index_chunks(conn, source, level, run_id)
+        merger = None
+        if early_merge.applies(conn, enabled=cfg.merge_while_pulling, source=source, level=level, slices=slices,
+                               dry_run=bool(run.options.get("dry_run"))):  # fmt: skip
+            merger = early_merge.EarlyMerger(
+                connect=lambda: connect_a(cfg), source=source, level=level, run_id=run_id, slice_index=slice_index,
+                batch_size=cfg.merge_batch_size, lock_timeout_seconds=cfg.lock_timeout_seconds,
+                parent_lookup=src.parent_link(level).column, sessions=cfg.merge_sessions,
+            )  # fmt: skip
         # A source without tombstones: when its snapshot is due, the first slice lists the level whole.
         snapshot_now = (
             src.deletion_mode(level) is DeletionMode.SNAPSHOT

@@ -18,9 +18,15 @@ from medsync.errors import MergeError
 from medsync.schema import MEDSYNC_LOCK_CLASS
 
 
+def lock_key(purpose: str, source: str) -> int:
+    """Advisory lock id of one ``purpose`` for a source, under ``MEDSYNC_LOCK_CLASS`` (the second half
+    of a two-int key; stable everywhere). Every medsync lock keyed by a source takes its id here."""
+    return zlib.crc32(f"{purpose}:{source}".encode()) & 0x7FFFFFFF
+
+
 def source_lock_key(source: str) -> int:
-    """Advisory lock id of a source's writes (second half of a two-int key; stable everywhere)."""
-    return zlib.crc32(f"merge:{source}".encode()) & 0x7FFFFFFF
+    """Advisory lock id of a source's writes."""
+    return lock_key("merge", source)
 
 
 @contextmanager

@@ -48,11 +48,7 @@ def get_variable(name: str) -> str | None:
 def connect_a(cfg: SourceConfig) -> psycopg.Connection:
     from medsync.hooks.a_database import ADatabaseHook
 
-    return ADatabaseHook(
-        cfg.connections.db_conn_id,
-        connect_timeout_seconds=cfg.database.connect_timeout_seconds,
-        statement_timeout_seconds=cfg.database.statement_timeout_seconds,
-    ).get_conn()
+    return ADatabaseHook.for_source(cfg).get_conn()
 
 
 def request_limiter(cfg: SourceConfig) -> DatabaseRequestLimiter:

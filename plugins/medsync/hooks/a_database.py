@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from airflow.providers.postgres.hooks.postgres import PostgresHook
@@ -10,6 +10,9 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from medsync.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medsync.config import SourceConfig
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 7200
@@ -46,6 +49,15 @@ class ADatabaseHook(PostgresHook):
         super().__init__(postgres_conn_id=postgres_conn_id, **kwargs)
         self.connect_timeout_seconds = connect_timeout_seconds
         self.statement_timeout_seconds = statement_timeout_seconds
+
+    @classmethod
+    def for_source(cls, cfg: SourceConfig) -> ADatabaseHook:
+        """The hook of ``cfg``'s A connection with ``cfg``'s connect and statement timeouts."""
+        return cls(
+            cfg.connections.db_conn_id,
+            connect_timeout_seconds=cfg.database.connect_timeout_seconds,
+            statement_timeout_seconds=cfg.database.statement_timeout_seconds,
+        )
 
     def _create_connection(self, conn_args: dict[str, Any]) -> Any:
         conn_args.setdefault("connect_timeout", self.connect_timeout_seconds)

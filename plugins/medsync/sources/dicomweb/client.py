@@ -256,13 +256,13 @@ class DicomwebClient(SourceClient):
 
     def _changed(self, level: str, since: datetime, until: datetime) -> Iterator[RawPage]:
         touched = self.feed.touched(since, until)
-        studies, series_info = set(touched.studies), touched.series
+        studies, series_info = touched.studies, touched.series  # studies: sorted, each once
         log.info(
             "%s %s: %d changes in the window: %d studies, %d series to fetch",
             self.source, level, touched.changes, len(studies), len(series_info),
         )  # fmt: skip
         if level == "study":
-            items = list(self._studies_by_orthanc_id(sorted(studies)))
+            items = list(self._studies_by_orthanc_id(studies))
             for start in range(0, len(items), self.page_size):
                 yield self._versioned("study", items[start : start + self.page_size])
         elif level == "subject":
@@ -270,10 +270,10 @@ class DicomwebClient(SourceClient):
         else:
             yield from self._changed_in_series(level, series_info)
 
-    def _changed_subjects(self, studies: set[str]) -> Iterator[RawPage]:
+    def _changed_subjects(self, studies: list[str]) -> Iterator[RawPage]:
         # A patient's subject is decided over all of its studies, changed or not.
         patients = set()
-        for oid in sorted(studies):
+        for oid in studies:
             info = self._orthanc(f"/studies/{oid}")
             if info is not None:
                 patients.add(str(info["ParentPatient"]))

@@ -24,7 +24,6 @@ Deletions are in no Orthanc feed: they are found by the snapshot compare (``meds
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +33,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from medsync.errors import SourceApiError
+from medsync.locks import lock_key
 from medsync.schema import MEDSYNC_LOCK_CLASS
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,9 @@ class Touched:
     changes: int
     """Events dated in the window."""
     studies: list[str]
-    """Orthanc ids of the studies changed, or holding a changed series."""
+    """Orthanc ids of the studies changed, or holding a changed series: sorted, each once."""
     series: dict[str, dict[str, Any]]
     """Orthanc id of each changed series -> its study (``ParentStudy``) and ``SeriesInstanceUID``."""
-
-
-def _lock_key(source: str) -> int:
-    return zlib.crc32(f"change_feed:{source}".encode()) & 0x7FFFFFFF
 
 
 def _date(change: dict[str, Any]) -> datetime:
@@ -128,7 +124,9 @@ class OrthancChangeFeed:
     def touched(self, since: datetime, until: datetime) -> Touched:
         """What the events dated in ``[since, until)`` touched, read from the feed once per window."""
         with self.db.transaction():
-            self.db.execute("SELECT pg_advisory_xact_lock(%s, %s)", (MEDSYNC_LOCK_CLASS, _lock_key(self.source)))
+            self.db.execute(
+                "SELECT pg_advisory_xact_lock(%s, %s)", (MEDSYNC_LOCK_CLASS, lock_key("change_feed", self.source))
+            )
             kept = self.db.execute(
                 "SELECT changes, studies, series FROM medsync.change_feed_read"
                 " WHERE source_system = %s AND since = %s AND until = %s AND read_at >= until",

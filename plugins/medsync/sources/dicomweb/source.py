@@ -87,11 +87,7 @@ class DicomwebSource(Source):
             limiter=limiter if limiter is not None else TokenBucket(self.cfg.rate_limit_per_second),
         )
         session, base_url, timeout = hook.session()
-        db = ADatabaseHook(
-            self.cfg.connections.db_conn_id,
-            connect_timeout_seconds=self.cfg.database.connect_timeout_seconds,
-            statement_timeout_seconds=self.cfg.database.statement_timeout_seconds,
-        ).get_conn()
+        db = ADatabaseHook.for_source(self.cfg).get_conn()
         return DicomwebClient(
             source=self.cfg.name,
             api=self.api,

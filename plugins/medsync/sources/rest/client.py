@@ -492,7 +492,7 @@ class RestClient(SourceClient):
         version: VersionSpec,
     ) -> _Listing:
         next_path: str | None
-        last_record_cursor: Callable[[Any], Any] | None = None
+        last_record_path: str | None = None
         absent_ends = False
         if isinstance(paging, OffsetPaging):
             page_size_param: str | None = paging.limit_param
@@ -507,7 +507,7 @@ class RestClient(SourceClient):
                 next_path = paging.total_pages_path
             elif isinstance(paging, LastRecordPaging):
                 next_path = paging.has_more_path
-                last_record_cursor = json_getter(paging.cursor_path or key_path)
+                last_record_path = paging.cursor_path or key_path
             else:
                 next_path = None  # a Link header: nothing to read from the body
         return _Listing(
@@ -526,8 +526,8 @@ class RestClient(SourceClient):
             version_format=version.format,
             next_value=json_getter(next_path) if next_path is not None else None,
             absent_ends=absent_ends,
-            last_record_cursor=last_record_cursor,
-            last_record_cursor_path=(paging.cursor_path or key_path) if isinstance(paging, LastRecordPaging) else None,
+            last_record_cursor=json_getter(last_record_path) if last_record_path is not None else None,
+            last_record_cursor_path=last_record_path,
         )
 
     def _listing_of(self, level: str) -> _Listing:

@@ -296,7 +296,7 @@ def _field_input(level: str, column: str, field: FieldSpec, buckets: Buckets) ->
     column_spec = next(c for c in level_spec(level).columns if c.name == column)
     if convert is None:
         if field.type == "integer":
-            return _integer_input(level, column, field)
+            return _integer_input(column_spec, field)
         if field.type == "boolean":
             return _Input(path, _typed(path, bool, "Input should be a valid boolean"), field.required, kind="boolean")
         check = _uuid_check(path) if field.format == "uuid" else None
@@ -324,14 +324,16 @@ def _converted_input(path: str, convert: str, required: bool, buckets: Buckets, 
     return _Input(path, _string(path), required, _prefixed(path, check), kind="string", bare_check=check)
 
 
-def _integer_input(level: str, column: str, field: FieldSpec) -> _Input:
+def _integer_bounds(column: Column) -> tuple[int, int]:
+    """The values A's integer ``column`` can hold."""
+    return converters.INTEGER_RANGE if column.pg_type == "integer" else converters.BIGINT_RANGE
+
+
+def _integer_input(column: Column, field: FieldSpec) -> _Input:
     """A JSON integer checked against its A column's type (and the field's ``minimum``)."""
-    path = field.path or column
-    pg_type = next(c.pg_type for c in level_spec(level).columns if c.name == column)
-    if pg_type == "integer":
-        bounds, message = converters.INTEGER_RANGE, "out of range for an integer column"
-    else:
-        bounds, message = converters.BIGINT_RANGE, "out of range"
+    path = field.path or column.name
+    bounds = _integer_bounds(column)
+    message = "out of range for an integer column" if column.pg_type == "integer" else "out of range"
     minimum = field.minimum
     if minimum is not None:
         bounds, message = (max(bounds[0], minimum), bounds[1]), "out of range"
@@ -358,7 +360,7 @@ def _typed_output(function: Callable[[Any], Any], dotted: str, column: Column) -
     every text does. None is NULL.
     """
     stored = column.python_type
-    bounds = converters.INTEGER_RANGE if column.pg_type == "integer" else converters.BIGINT_RANGE
+    bounds = _integer_bounds(column)
     refused = (
         f"python converter {dotted} returned {{}}, but the {column.name} column ({column.pg_type}) takes "
         f"{_TYPE_NAMES[stored]}"
@@ -370,8 +372,8 @@ def _typed_output(function: Callable[[Any], Any], dotted: str, column: Column) -
             return None
         if stored is str:
             fits = type(out) is str
-            if fits and "\x00" in out:
-                out = out.replace("\x00", "")
+            if fits:
+                out = converters.remove_nul(out)
         elif stored is int:
             fits = type(out) is int and bounds[0] <= out <= bounds[1]
         elif stored is datetime:

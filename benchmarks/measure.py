@@ -148,15 +148,6 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def process_peak_rss_mb(pid: int) -> float:
-    """Peak RSS (``VmHWM``) of process ``pid`` so far, in MB (Linux /proc): a simulator's, say."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 @dataclass
 class CpuProbe:
     """The machine's CPU use (all cores, every process: other users of the machine too) and the simulator's."""

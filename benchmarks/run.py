@@ -66,7 +66,8 @@ from benchmarks.fixtures import (
     worker_env,
 )
 from benchmarks.paths import ROOT
-from benchmarks.worker import PROFILE_ENV
+from benchmarks.table import PULL_SHARE_OF_FLOOR
+from benchmarks.worker import PROFILE_ENV, memory_mb
 from medsync import staging
 from medsync.config import LEVELS
 from medsync.windows import BEGINNING, RunFacts, Window
@@ -269,7 +270,7 @@ class Bench:
 
             self.results["incremental"] = self.incremental(workers, conn, served)
             self.results["slices"] = [self.sliced_pull(workers, conn, served, k) for k in opts.slice_counts]
-            self.results["catalogue"]["simulator_peak_rss_mb"] = measure.process_peak_rss_mb(server.pid)
+            self.results["catalogue"]["simulator_peak_rss_mb"] = memory_mb("VmHWM", server.pid)
 
     def c_catalogue(self, tmp: Path) -> dict[str, Any]:
         """C's full load measured as B's: the floor and the full load in pairs, and tasks one after another."""
@@ -284,7 +285,7 @@ class Bench:
             }
             out.update(self.full_loads(served))
             # C's simulator computes its base records on demand: its memory should stay small at any size.
-            out["catalogue"]["simulator_peak_rss_mb"] = measure.process_peak_rss_mb(served.server.pid)
+            out["catalogue"]["simulator_peak_rss_mb"] = memory_mb("VmHWM", served.server.pid)
         return out
 
     def full_loads(self, served: Served, first: FullLoad | None = None) -> dict[str, Any]:
@@ -700,10 +701,6 @@ def bounds(r: dict[str, Any]) -> dict[str, Any]:
     if "full_load" in r["c"]:
         out["c_full_load"] = full_load_bound(r["c"], r["machine"]["cpus"])
     return out
-
-
-PULL_SHARE_OF_FLOOR = 2 / 3
-"""A pull task's records/s must be at least this share of the floor's on the same level."""
 
 
 def load_targets(loads: dict[str, Any], bound: dict[str, Any], label: str = "") -> list[dict[str, Any]]:

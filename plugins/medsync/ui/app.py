@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from medsync.config import SourceConfig, load_source_configs
 from medsync.errors import ConfigError
 from medsync.ui import queries
-from medsync.ui.auth import can_read_dag, current_user, login_url
+from medsync.ui.auth import can_read_dag, current_user, login_url, readable_dags
 from medsync.ui.database import ConnectionMissingError, connect_readonly
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ def _sources() -> list[SourceConfig]:
 
 def _readable(user: Any) -> list[SourceConfig]:
     """The sources whose DAG ``user`` may read; 403 when there is none."""
-    readable = [cfg for cfg in _sources() if can_read_dag(user, cfg.dag_id)]
+    sources = _sources()
+    allowed = readable_dags(user, [cfg.dag_id for cfg in sources])
+    readable = [cfg for cfg in sources if cfg.dag_id in allowed]
     if not readable:
         raise HTTPException(status_code=403, detail="you may not read any medsync DAG")
     return readable

@@ -36,22 +36,32 @@ async def current_user(request: Request) -> Any:
     return await resolve_user_from_token(request_token(request))
 
 
-def can_read_dag(user: Any, dag_id: str) -> bool:
-    """Whether the auth manager lets ``user`` read the DAG and its runs.
+def readable_dags(user: Any, dag_ids: list[str]) -> set[str]:
+    """Those of ``dag_ids`` whose DAG and runs the auth manager lets ``user`` read.
 
-    The DAG is described as Airflow's own API describes it (``requires_access_dag``): with its
-    team, the team of its bundle. An auth manager may decide by team (SimpleAuthManager in
-    multi-team mode does, and lets anyone read a DAG whose team it is not told).
+    Each DAG is described as Airflow's own API describes it (``requires_access_dag``): with its
+    team, the team of its bundle, all looked up in one query. An auth manager may decide by team
+    (SimpleAuthManager in multi-team mode does, and lets anyone read a DAG whose team it is not told).
     """
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
     from airflow.models.dag import DagModel
 
     manager = get_auth_manager()
-    details = DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id))
-    return manager.is_authorized_dag(method="GET", details=details, user=user) and manager.is_authorized_dag(
-        method="GET", access_entity=DagAccessEntity.RUN, details=details, user=user
-    )
+    teams = DagModel.get_dag_id_to_team_name_mapping(dag_ids)  # a DAG without a team is left out
+    readable = set()
+    for dag_id in dag_ids:
+        details = DagDetails(id=dag_id, team_name=teams.get(dag_id))
+        if manager.is_authorized_dag(method="GET", details=details, user=user) and manager.is_authorized_dag(
+            method="GET", access_entity=DagAccessEntity.RUN, details=details, user=user
+        ):
+            readable.add(dag_id)
+    return readable
+
+
+def can_read_dag(user: Any, dag_id: str) -> bool:
+    """Whether the auth manager lets ``user`` read the DAG and its runs (``readable_dags``)."""
+    return dag_id in readable_dags(user, [dag_id])
 
 
 def login_url(next_url: str) -> str:

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -142,6 +143,18 @@ class Stub:
         # A short poll interval: shutdown() waits for it, once per test.
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
 
+    @classmethod
+    @contextmanager
+    def serving(cls) -> Iterator[Stub]:
+        """A stub answering on its socket for the block."""
+        stub = cls()
+        stub.thread.start()
+        try:
+            yield stub
+        finally:
+            stub.server.shutdown()
+            stub.server.server_close()
+
     def _reply_for(self, seen: Seen) -> Reply:
         with self._lock:
             self.requests.append(seen)
@@ -163,11 +176,8 @@ class Stub:
 
 @pytest.fixture
 def stub() -> Iterator[Stub]:
-    s = Stub()
-    s.thread.start()
-    yield s
-    s.server.shutdown()
-    s.server.server_close()
+    with Stub.serving() as s:
+        yield s
 
 
 class FakeTime:

@@ -101,11 +101,8 @@ def window(since: datetime, until: datetime | None) -> list[Patient]:
 
 @pytest.fixture
 def server() -> Iterator[Stub]:
-    s = Stub()
-    s.thread.start()
-    yield s
-    s.server.shutdown()
-    s.server.server_close()
+    with Stub.serving() as s:
+        yield s
 
 
 def walk(

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import ROOT, create_database, drop_database, dsn_for
+from conftest import ROOT, connection_uri, create_database, drop_database
 
 from benchmarks.dag import Workers, sync_graph
 from benchmarks.worker import run as run_task
@@ -160,12 +160,6 @@ def full_refresh_facts(at: datetime) -> RunFacts:
     return RunFacts("manual", None, None, at, full_refresh=True)
 
 
-def connection_uri(dbname: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(dsn_for(dbname))
-    user, host, port = params.get("user", "postgres"), params.get("host", "127.0.0.1"), params.get("port", 5432)
-    return f"postgresql://{user}@{host}:{port}/{dbname}"
-
-
 @contextmanager
 def b_world(
     template_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **config_overrides: Any
@@ -195,7 +189,7 @@ def b_world(
         with BSimulator(config, api_key=API_KEY) as sim:
             env = {
                 "MEDSYNC_INCLUDE_DIR": str(include),
-                "AIRFLOW_CONN_MEDSYNC_A_DB": connection_uri(dbname),
+                "AIRFLOW_CONN_MEDSYNC_A_DB": connection_uri(dsn),
                 "AIRFLOW_CONN_MEDSYNC_B_API": json.dumps(
                     {"conn_type": "http", "host": sim.base_url, "password": API_KEY}
                 ),

@@ -34,6 +34,13 @@ def dsn_for(dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(**params)
 
 
+def connection_uri(dsn: str) -> str:
+    """An Airflow connection URI (``AIRFLOW_CONN_...``) of a conninfo on the test PostgreSQL (trust auth)."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    user, host, port = params.get("user", "postgres"), params.get("host", "127.0.0.1"), params.get("port", 5432)
+    return f"postgresql://{user}@{host}:{port}/{params['dbname']}"
+
+
 def _admin() -> psycopg.Connection:
     return psycopg.connect(ADMIN_DSN, autocommit=True)
 

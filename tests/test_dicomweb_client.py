@@ -25,6 +25,7 @@ from medsync.errors import SourceApiError
 from medsync.schema import migrate
 from medsync.sources import open_source
 from medsync.sources.dicomweb.client import DicomwebClient, multipart_first_part
+from tests.conftest import connection_uri
 
 TOKEN = "bearer-token-3f9a"
 
@@ -136,8 +137,7 @@ def client(a_db: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterato
         "AIRFLOW_CONN_MEDSYNC_PACS_API",
         json.dumps({"conn_type": "http", "host": f"http://{host}:{port}", "password": TOKEN}),
     )
-    params = psycopg.conninfo.conninfo_to_dict(a_db)
-    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{params['dbname']}")
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", connection_uri(a_db))
     with psycopg.connect(a_db, autocommit=True) as conn:
         migrate(conn)
     source = open_source(get_source_config("pacs"))

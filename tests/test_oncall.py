@@ -31,6 +31,7 @@ from medsync.dag_factory import build_dag
 from medsync.errors import MedsyncError
 from medsync.windows import RunFacts
 from simulator import BSimulator, SimConfig
+from tests.conftest import connection_uri
 
 API_KEY = "oncall-key-51c9e2"
 BASE = datetime(2026, 3, 1, tzinfo=UTC)
@@ -87,8 +88,7 @@ def test_errors_on_task_paths_are_medsync_errors_that_fail_at_once(a_db: str, mo
     from medsync.windows import Window, plan_window
 
     tiny = Window(BASE, BASE + timedelta(microseconds=1))
-    dbname = psycopg.conninfo.conninfo_to_dict(a_db)["dbname"]
-    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{dbname}")
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", connection_uri(a_db))
     # The postgres provider hands out psycopg2 connections under SQLAlchemy 1 (a wrong installation).
     monkeypatch.setattr(postgres_provider, "USE_PSYCOPG3", False)
     failing: list[tuple[type[MedsyncError], Any]] = [
@@ -192,8 +192,7 @@ def test_timeouts_must_outlast_the_merge_lock_wait(tmp_path: Path) -> None:
 def test_every_database_session_has_connect_and_statement_timeouts(a_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from medsync.hooks.a_database import ADatabaseHook
 
-    params = psycopg.conninfo.conninfo_to_dict(a_db)
-    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{params['dbname']}")
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", connection_uri(a_db))
     with ADatabaseHook(connect_timeout_seconds=4, statement_timeout_seconds=1).get_conn() as conn:
         assert conn.info.get_parameters()["connect_timeout"] == "4"
         assert conn.execute("SHOW statement_timeout").fetchone() == ("1s",)
@@ -275,10 +274,9 @@ def env(a_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
                        clock="manual", base_time=BASE.isoformat(), history_seconds=3 * 86400)  # fmt: skip
     received = Received()
     include = include_copy(tmp_path / "include", retries=2, file_check={"enabled": False}, alerts=ALERTS)
-    dbname = psycopg.conninfo.conninfo_to_dict(a_db)["dbname"]
     with BSimulator(config, api_key=API_KEY) as sim, smtp_server(received) as smtp, webhook_server(received) as hook:
         monkeypatch.setenv("MEDSYNC_INCLUDE_DIR", str(include))
-        monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", f"postgresql://postgres@127.0.0.1:5432/{dbname}")
+        monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", connection_uri(a_db))
         monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_B_API",
                            f'{{"conn_type": "http", "host": "{sim.base_url}", "password": "{API_KEY}"}}')  # fmt: skip
         monkeypatch.setenv("AIRFLOW_VAR_MEDSYNC_B_BUCKET", "b-imaging-dev")

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from psycopg import sql
 
 from tests.airflow_stack import migrated_metadata_db, sqlalchemy_url
-from tests.conftest import RUN_TAG, create_database, drop_database
+from tests.conftest import RUN_TAG, connection_uri, create_database, drop_database
 from tests.test_merge import Sync, full_tree
 from tests.test_ui_queries import PACS_PHI, insert_pacs_rows
 
@@ -119,10 +119,8 @@ def a_with_rows(a_template_db: str) -> Iterator[str]:
         _insert_c_rows(sync.conn)
         insert_pacs_rows(sync.conn)
         sync.conn.close()
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-        uri = f"postgres://{params.get('user', 'postgres')}@{params['host']}:{params['port']}/{name}"
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", uri)
+            env.setenv("AIRFLOW_CONN_MEDSYNC_A_DB", connection_uri(dsn))
             yield dsn
     finally:
         sync.conn.close()

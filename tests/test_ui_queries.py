@@ -28,7 +28,7 @@ from medsync.config import LEVELS, load_source_configs
 from medsync.report import build_report
 from medsync.sources import open_source
 from medsync.ui import queries
-from tests.conftest import ROOT
+from tests.conftest import ROOT, connection_uri
 from tests.test_merge import Sync, full_tree, image, patient, series, study
 from tests.test_report import CountsOnly
 
@@ -314,9 +314,7 @@ def test_the_page_benchmark_runs(tmp_path: Path) -> None:
 def test_the_page_reads_through_medsync_s_connection_read_only_with_a_timeout(
     a_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    params = psycopg.conninfo.conninfo_to_dict(a_db)
-    uri = f"postgresql://{params.get('user', 'postgres')}@{params['host']}:{params['port']}/{params['dbname']}"
-    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_UI_TEST_DB", uri)
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSYNC_UI_TEST_DB", connection_uri(a_db))
     from medsync.ui.database import STATEMENT_TIMEOUT_MS, connect_readonly
 
     with connect_readonly("medsync_ui_test_db") as conn:

@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -42,6 +42,9 @@ from medsync.errors import MedsyncError, SourceApiError, SourceUnavailableError,
 from medsync.sources.base import FileMirror, SourceClient
 
 if TYPE_CHECKING:
+    from datetime import datetime
+    from uuid import UUID
+
     import psycopg
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,21 @@ WHERE i.source_system = %(source)s AND i.deleted_at IS NULL AND i.source_key > %
 ORDER BY i.source_key
 LIMIT %(limit)s
 """
+
+
+class _Candidate(NamedTuple):
+    """An instance whose copy in A's bucket is missing or outdated (a row of ``_CANDIDATES``)."""
+
+    id: UUID
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    storage_bucket: str
+    storage_key: str
+    content_type: str | None
+    source_updated_at: datetime
+    source_key: str
+
 
 _RECORD = """
 INSERT INTO medsync.mirrored_file
@@ -131,12 +149,13 @@ class _Copied:
     checksum: str
 
 
-def _copy_one(client: SourceClient, s3: Any, row: tuple[Any, ...], settings: FileMirror, attempts: int) -> _Copied:
+def _copy_one(client: SourceClient, s3: Any, row: _Candidate, settings: FileMirror, attempts: int) -> _Copied:
     """Copies one file. Raises SourceApiError/StorageError when it cannot."""
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
-    _, study_uid, series_uid, sop_uid, bucket, key, content_type = row[:7]
+    study_uid, series_uid, sop_uid = row.study_uid, row.series_uid, row.sop_instance_uid
+    bucket, key, content_type = row.storage_bucket, row.storage_key, row.content_type
     transfer = TransferConfig(multipart_threshold=settings.part_bytes, multipart_chunksize=settings.part_bytes)
 
     @retry(
@@ -198,22 +217,25 @@ def mirror_instance_files(
     batch's copies are recorded in ``medsync.mirrored_file`` as soon as the batch is done, so a
     task killed midway keeps what it copied.
     """
+    from psycopg.rows import class_row
+
     started = time.monotonic()
     result = MirrorResult()
 
-    def one(row: tuple[Any, ...]) -> _Copied:
-        check_location(row[4], row[5])
+    def one(row: _Candidate) -> _Copied:
+        check_location(row.storage_bucket, row.storage_key)
         return _copy_one(client, s3, row, settings, attempts)
 
     after = ""
     with ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="medsync-mirror") as pool:
         while True:
-            rows = conn.execute(_CANDIDATES, {"source": source, "after": after, "limit": batch_size}).fetchall()
+            with conn.cursor(row_factory=class_row(_Candidate)) as cur:
+                rows = cur.execute(_CANDIDATES, {"source": source, "after": after, "limit": batch_size}).fetchall()
             if not rows:
                 break
-            after = rows[-1][8]
+            after = rows[-1].source_key
             result.candidates += len(rows)
-            done: list[tuple[tuple[Any, ...], _Copied]] = []
+            done: list[tuple[_Candidate, _Copied]] = []
             futures = {pool.submit(one, row): row for row in rows}
             for future in as_completed(futures):
                 row = futures[future]
@@ -223,7 +245,7 @@ def mirror_instance_files(
                     result.failed += 1
                     result.reasons[type(exc).__name__ + ": " + str(exc).split(": ")[-1][:60]] += 1
                     if len(result.examples) < MAX_EXAMPLES:
-                        result.examples.append(str(row[0]))
+                        result.examples.append(str(row.id))
                     continue
                 done.append((row, copied))
                 if copied.outcome == "copied":
@@ -239,18 +261,18 @@ def mirror_instance_files(
     return result
 
 
-def _record(conn: psycopg.Connection, source: str, done: list[tuple[tuple[Any, ...], _Copied]]) -> None:
+def _record(conn: psycopg.Connection, source: str, done: list[tuple[_Candidate, _Copied]]) -> None:
     """Records the batch's files A now holds (one statement)."""
     if not done:
         return
     conn.execute(
         _RECORD,
         (
-            [row[0] for row, _ in done],
+            [row.id for row, _ in done],
             [source] * len(done),
-            [row[4] for row, _ in done],
-            [row[5] for row, _ in done],
-            [row[7] for row, _ in done],
+            [row.storage_bucket for row, _ in done],
+            [row.storage_key for row, _ in done],
+            [row.source_updated_at for row, _ in done],
             [copied.size for _, copied in done],
             [copied.checksum for _, copied in done],
         ),

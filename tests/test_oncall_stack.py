@@ -98,20 +98,22 @@ def test_a_task_process_killed_leaves_the_run_failed_in_the_ledger_by_airflows_c
             sim.set_faults()  # the other pulls finish, so the run can end
             (run,) = api.wait_runs(DAG_ID, [dag_run_id], timeout=180, alive=stack.check_alive, fail_fast=False)
             states = {ti["task_id"]: ti["state"] for ti in api.task_instances(DAG_ID, dag_run_id)}
-            # The DAG's callback runs in the dag-processor soon after the run failed.
+            # The DAG's callback runs in the dag-processor soon after the run failed. It writes the
+            # ledger, then drops the staging, then alerts: the stack stays up until all three are
+            # seen (or a minute passed), or stopping it could cut the callback short.
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 ledger = _query(a_dsn, "SELECT id, status, failed_task, error_class FROM medsync.sync_run"
                                 " WHERE dag_run_id = %s", dag_run_id)  # fmt: skip
-                if ledger and ledger[0][1] != "running":
+                staging = _query(a_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'medsync'"
+                                 " AND tablename LIKE %s", f"%_r{ledger[0][0]}" if ledger else "")  # fmt: skip
+                if ledger and ledger[0][1] != "running" and not staging and received.mails:
                     break
                 time.sleep(1)
 
     assert run["state"] == "failed" and states[killed["task_id"]] == "failed", states
-    ((run_id, status, failed_task, error_class),) = ledger
+    ((_run_id, status, failed_task, error_class),) = ledger
     assert (status, error_class) == ("failed", "RunFailed"), ledger
     assert failed_task is None  # no task callback ran: the task's process was dead
-    staging = _query(a_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'medsync' AND tablename LIKE %s",
-                     f"%_r{run_id}")  # fmt: skip
     assert staging == []  # dropped by the callback
     assert [m["subject"] for m in received.mails] == [f"[medsync] b: run {dag_run_id} failed in the run: RunFailed"]

@@ -483,9 +483,10 @@ def work_table(source: str, level: str, run_id: int, *, early: bool = False) -> 
 
 def drop_work_tables(conn: psycopg.Connection, source: str, run_id: int) -> None:
     """Drops what a merge of the run left behind (it drops its own tables unless its process died)."""
-    for level in SPECS:
-        for early in (False, True):
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(work_table(source, level, run_id, early=early)))
+    tables = sql.SQL(", ").join(
+        work_table(source, level, run_id, early=early) for level in SPECS for early in (False, True)
+    )
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(tables))
 
 
 @dataclass(frozen=True)

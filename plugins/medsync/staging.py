@@ -147,10 +147,11 @@ def _binary_copy(conn: psycopg.Connection, table: sql.Identifier, level: str) ->
 
 
 def drop_staging_tables(conn: psycopg.Connection, source: str, run_id: int) -> None:
+    """Drops the run's staging tables in one statement: all of them or, if it fails, none."""
     from medsync.config import LEVELS
 
-    for level in LEVELS:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging_table(source, level, run_id)))
+    tables = sql.SQL(", ").join(staging_table(source, level, run_id) for level in LEVELS)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(tables))
 
 
 class _Quarantine:

@@ -63,3 +63,16 @@ def test_the_switch_interval_is_short_while_reading_ahead_and_restored_after() -
         for _ in read_ahead(iter([1, 2])):
             raise ValueError("the stage failed")
     assert sys.getswitchinterval() == before
+
+
+def test_read_aheads_that_overlap_restore_the_switch_interval_once_both_ended() -> None:
+    # One setting for the whole process: the second to start must not restore the first's
+    # shortened interval when it ends, and the first must not lengthen it under the second.
+    before = sys.getswitchinterval()
+    first, second = read_ahead(iter(range(3))), read_ahead(iter(range(3)))
+    next(first)
+    next(second)
+    first.close()
+    assert sys.getswitchinterval() == pytest.approx(READ_AHEAD_SWITCH_SECONDS)  # the second still runs
+    second.close()
+    assert sys.getswitchinterval() == before

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -198,6 +199,36 @@ class _Quarantine:
         self.rows.clear()
 
 
+class _SwitchInterval:
+    """The process's thread switch interval (``sys.setswitchinterval``), shortened to
+    ``READ_AHEAD_SWITCH_SECONDS`` while any read-ahead runs. It is one setting for the whole
+    process: read-aheads that overlap share it, and the last to end restores what was there
+    before the first began (each restoring its own would leave it short for good)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before = 0.0
+
+    @contextmanager
+    def shortened(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._before = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._before, READ_AHEAD_SWITCH_SECONDS))
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    sys.setswitchinterval(self._before)
+
+
+_SWITCH_INTERVAL = _SwitchInterval()
+
+
 def read_ahead(items: Iterable[T], depth: int = READ_AHEAD_PAGES) -> Iterator[T]:
     """Yields ``items`` while a background thread already produces the next ``depth`` of them.
 
@@ -208,7 +239,7 @@ def read_ahead(items: Iterable[T], depth: int = READ_AHEAD_PAGES) -> Iterator[T]
     ``items`` if it is a generator).
 
     While the thread runs, the process's thread switch interval is
-    ``READ_AHEAD_SWITCH_SECONDS`` (it is restored after); a pull is a process of its own.
+    ``READ_AHEAD_SWITCH_SECONDS`` (``_SwitchInterval``).
     """
     handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -238,21 +269,19 @@ def read_ahead(items: Iterable[T], depth: int = READ_AHEAD_PAGES) -> Iterator[T]
                 close()
 
     producer = threading.Thread(target=produce, name="medsync-read-ahead", daemon=True)
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch_interval, READ_AHEAD_SWITCH_SECONDS))
-    producer.start()
-    try:
-        while True:
-            kind, value = handoff.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        producer.join()
-        sys.setswitchinterval(switch_interval)
+    with _SWITCH_INTERVAL.shortened():
+        producer.start()
+        try:
+            while True:
+                kind, value = handoff.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            producer.join()
 
 
 def _open_quarantine(conn: psycopg.Connection, source: str, level: str) -> Iterator[list[object]]:
